@@ -1,0 +1,1 @@
+"""SparseShot HTTP service."""

@@ -1,0 +1,1 @@
+"""Benchmarks: training-step cost and few-shot quality."""
