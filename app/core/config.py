@@ -1,0 +1,65 @@
+"""Service settings: one pydantic-settings class read from `SPARSESHOT_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything the API, the worker and the CLI read from the environment.
+
+    Defaults are the embedded single-machine setup: a SQLite file and local storage under
+    `data_dir`, and a broker that needs no server (`broker_url` empty).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SPARSESHOT_", env_file=None, extra="ignore")
+
+    # Where things live.
+    data_dir: Path = Path("./data")
+    database_url: str = ""  # empty -> sqlite:///{data_dir}/sparseshot.db
+    broker_url: str = ""  # empty -> embedded transport (no server); redis://... when distributed
+    queue_name: str = "sparseshot"
+    base_model: str = "ViT-B-16:openai"
+    device: str = ""  # empty -> cuda when available, else cpu
+    model_download_dir: Path | None = None  # open_clip / hub download cache (None: library default)
+
+    # Input limits.
+    max_image_bytes: int = Field(default=10 * MB, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)  # width * height; larger = decompression bomb
+    max_files_per_request: int = Field(default=64, gt=0)
+    max_archive_bytes: int = Field(default=200 * MB, gt=0)  # the uploaded .zip itself
+    max_archive_expanded_bytes: int = Field(default=500 * MB, gt=0)  # sum of uncompressed members
+    max_archive_files: int = Field(default=2000, gt=0)
+    max_classes: int = Field(default=1000, gt=0)
+    max_class_name_chars: int = Field(default=200, gt=0)
+    max_top_k: int = Field(default=100, gt=0)
+
+    # Serving and training.
+    model_cache_bytes: int = Field(default=1024 * MB, ge=0)
+    progress_interval_s: float = Field(default=1.0, gt=0)
+    job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
+    job_max_attempts: int = Field(default=3, gt=0)
+    recovery_interval_s: float = Field(default=30.0, gt=0)
+
+    @model_validator(mode="after")
+    def _fill_database_url(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'sparseshot.db').as_posix()}"
+        return self
+
+    @property
+    def storage_dir(self) -> Path:
+        """Root of content-addressed files (images and deltas)."""
+        return self.data_dir / "objects"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """Process-wide settings, read once from the environment."""
+    return Settings()

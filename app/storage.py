@@ -1,0 +1,105 @@
+"""Content-addressed file storage for images and deltas.
+
+Keys are the sha256 hex digest of the content, so names never come from clients and identical
+content is stored once. `Storage` is the interface an object-store backend (S3) can implement;
+`LocalStorage` keeps files under a folder and writes them atomically (temp file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from app.core.config import Settings, get_settings
+
+_KEY = re.compile(r"^[0-9a-f]{64}$")
+_CHUNK = 1024 * 1024
+
+
+class StorageError(Exception):
+    """A key is malformed or missing."""
+
+
+@runtime_checkable
+class Storage(Protocol):
+    def put(self, data: bytes) -> str: ...
+    def put_file(self, path: str | os.PathLike[str]) -> str: ...
+    def get(self, key: str) -> bytes: ...
+    def open(self, key: str) -> BinaryIO: ...
+    def exists(self, key: str) -> bool: ...
+    def delete(self, key: str) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    if not isinstance(key, str) or not _KEY.match(key):
+        raise StorageError(f"invalid storage key {key!r}")
+    return key
+
+
+class LocalStorage:
+    """Files at `root/ab/abcdef…` (first two hex digits fan out the folders)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    def path(self, key: str) -> Path:
+        key = _check_key(key)
+        return self.root / key[:2] / key
+
+    def _write_atomic(self, key: str, src: BinaryIO) -> None:
+        dest = self.path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := src.read(_CHUNK):
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            # Rewritten even when present: a concurrent delete of the same content cannot
+            # leave a just-uploaded key without its file.
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put(self, data: bytes) -> str:
+        key = hashlib.sha256(data).hexdigest()
+        self._write_atomic(key, io.BytesIO(data))
+        return key
+
+    def put_file(self, path: str | os.PathLike[str]) -> str:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                digest.update(chunk)
+            key = digest.hexdigest()
+            f.seek(0)
+            self._write_atomic(key, f)
+        return key
+
+    def get(self, key: str) -> bytes:
+        with self.open(key) as f:
+            return f.read()
+
+    def open(self, key: str) -> BinaryIO:
+        try:
+            return open(self.path(key), "rb")
+        except FileNotFoundError as e:
+            raise StorageError(f"no stored object {key}") from e
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+
+def get_storage(settings: Settings | None = None) -> LocalStorage:
+    """The local storage under the settings' data folder."""
+    return LocalStorage((settings or get_settings()).storage_dir)
