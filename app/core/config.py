@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     broker_url: str = ""  # empty -> embedded transport (no server); redis://... when distributed
     queue_name: str = "sparseshot"
     base_model: str = "ViT-B-16:openai"
+    # Further specs clients may ask for (JSON list in the environment); only these and base_model.
+    allowed_base_models: list[str] = Field(default_factory=list)
     device: str = ""  # empty -> cuda when available, else cpu
     model_download_dir: Path | None = None  # open_clip / hub download cache (None: library default)
 

@@ -1,0 +1,44 @@
+"""Dependencies shared by the routers, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.models import Tenant
+from app.services import auth
+from app.storage import LocalStorage
+
+_bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer sk_...`")
+
+
+def get_settings_dep(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    with Session(bind=request.app.state.engine, autoflush=False, expire_on_commit=False) as session:
+        yield session
+
+
+def get_storage_dep(request: Request) -> LocalStorage:
+    return request.app.state.storage
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
+SessionDep = Annotated[Session, Depends(get_session)]
+StorageDep = Annotated[LocalStorage, Depends(get_storage_dep)]
+
+
+def get_tenant(
+    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Tenant:
+    return auth.authenticate(session=session, key=credentials.credentials if credentials else None)
+
+
+TenantDep = Annotated[Tenant, Depends(get_tenant)]

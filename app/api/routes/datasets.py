@@ -1,0 +1,67 @@
+"""/v1/datasets: create, list, read, delete, add images."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.schemas import DatasetCreate, DatasetPublic, ImagesAdded
+from app.services import datasets as svc
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def create_dataset(
+    body: DatasetCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+) -> DatasetPublic:
+    dataset = svc.create_dataset(session=session, tenant=tenant, body=body, settings=settings)
+    return svc.to_public(session=session, dataset=dataset)
+
+
+@router.get("")
+def list_datasets(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[DatasetPublic]:
+    rows = svc.list_datasets(session=session, tenant=tenant, limit=limit, offset=offset)
+    return [svc.to_public(session=session, dataset=d) for d in rows]
+
+
+@router.get("/{dataset_id}")
+def get_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep) -> DatasetPublic:
+    dataset = svc.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    return svc.to_public(session=session, dataset=dataset)
+
+
+@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> Response:
+    svc.delete_dataset(session=session, storage=storage, tenant=tenant, dataset_id=dataset_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post("/{dataset_id}/images", status_code=status.HTTP_201_CREATED)
+def add_images(
+    dataset_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    label: Annotated[str | None, Form(description="Class of every file in `files`.")] = None,
+    files: Annotated[list[UploadFile] | None, File(description="Images of class `label`.")] = None,
+    archive: Annotated[UploadFile | None, File(description=".zip with one folder per class.")] = None,
+) -> ImagesAdded:
+    return svc.add_images(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant=tenant,
+        dataset_id=dataset_id,
+        label=label,
+        files=[svc.Upload(f.filename or "upload", f.file) for f in files or []],
+        archive=svc.Upload(archive.filename or "archive.zip", archive.file) if archive else None,
+    )

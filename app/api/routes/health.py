@@ -1,0 +1,79 @@
+"""/healthz (process up), /readyz (database, broker, base model), /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select
+
+from app import db
+from app.metrics import JOBS, QUEUE_DEPTH
+from app.models import JOB_STATUSES, Job
+from app.schemas import Readiness
+
+router = APIRouter(tags=["health"])
+log = logging.getLogger(__name__)
+
+
+def _broker_ready() -> bool:
+    try:
+        from worker.dispatch import broker_ready
+
+        return bool(broker_ready())
+    except Exception:
+        log.exception("broker check failed")
+        return False
+
+
+def _base_ready() -> bool:
+    try:
+        from app.services.inference import base_ready
+
+        return bool(base_ready())
+    except Exception:
+        log.exception("base model check failed")
+        return False
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+def readyz(request: Request) -> JSONResponse:
+    checks = {
+        "database": db.ping(request.app.state.engine),
+        "broker": _broker_ready(),
+        "base_model": _base_ready(),
+    }
+    ok = all(checks.values())
+    body = Readiness(status="ready" if ok else "not ready", checks=checks)
+    return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
+
+
+def _refresh_gauges(request: Request) -> None:
+    # Computed at scrape time from the database and the broker.
+    try:
+        with request.app.state.engine.connect() as conn:
+            counts = dict(conn.execute(select(Job.status, func.count()).group_by(Job.status)).all())
+        for s in JOB_STATUSES:
+            JOBS.labels(s).set(counts.get(s, 0))
+    except Exception:
+        log.exception("job counts unavailable")
+    try:
+        from worker.dispatch import queue_depth
+
+        depth = queue_depth()
+    except Exception:
+        depth = None
+    QUEUE_DEPTH.set(-1 if depth is None else depth)
+
+
+@router.get("/metrics", include_in_schema=False)
+def metrics(request: Request) -> Response:
+    _refresh_gauges(request)
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,78 @@
+"""/v1/models: zero-shot creation, list, read, delete, delta download, classify."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi.responses import FileResponse
+
+from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.schemas import ClassifyPublic, ModelPublic, ZeroshotCreate
+from app.services import models as svc
+from app.services.datasets import Upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post("/zeroshot", status_code=status.HTTP_201_CREATED)
+def create_zeroshot(
+    body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+) -> ModelPublic:
+    return svc.to_public(svc.create_zeroshot(session=session, settings=settings, tenant=tenant, body=body))
+
+
+@router.get("")
+def list_models(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[ModelPublic]:
+    return [
+        svc.to_public(m) for m in svc.list_models(session=session, tenant=tenant, limit=limit, offset=offset)
+    ]
+
+
+@router.get("/{model_id}")
+def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
+    return svc.to_public(svc.get_model(session=session, tenant=tenant, model_id=model_id))
+
+
+@router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> Response:
+    svc.delete_model(session=session, storage=storage, tenant=tenant, model_id=model_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get(
+    "/{model_id}/delta",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "The delta (safetensors)."}},
+)
+def download_delta(
+    model_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep
+) -> FileResponse:
+    path = svc.delta_path(session=session, storage=storage, tenant=tenant, model_id=model_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.safetensors")
+
+
+@router.post("/{model_id}/classify")
+def classify(
+    model_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    files: Annotated[list[UploadFile], File(description="Images to classify.")],
+    top_k: Annotated[int, Form(ge=1)] = 5,
+) -> ClassifyPublic:
+    return svc.classify(
+        session=session,
+        storage=storage,
+        settings=settings,
+        tenant=tenant,
+        model_id=model_id,
+        files=[Upload(f.filename or "upload", f.file) for f in files],
+        top_k=top_k,
+    )

@@ -1,0 +1,137 @@
+"""Request and response bodies of the v1 API (XCreate: request, XPublic: response)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def _unique(classes: list[str]) -> list[str]:
+    dupes = sorted(c for c, n in Counter(classes).items() if n > 1)
+    if dupes:
+        raise ValueError(f"class names must be unique; repeated: {', '.join(dupes)}")
+    return classes
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DatasetCreate(Strict):
+    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    classes: list[ClassName] = Field(min_length=2, description="At least two distinct class names.")
+
+    _check_unique = field_validator("classes")(_unique)
+
+
+class DatasetPublic(BaseModel):
+    id: str
+    name: str
+    classes: list[str]
+    image_counts: dict[str, int]
+    created_at: datetime
+
+
+class ImageAdded(BaseModel):
+    image_id: str
+    filename: str
+    label: str
+
+
+class ImageRejected(BaseModel):
+    filename: str
+    detail: str
+    duplicate_of: str | None = Field(
+        default=None, description="Set when the file is an exact duplicate of this image of the dataset."
+    )
+
+
+class ImagesAdded(BaseModel):
+    added: list[ImageAdded]
+    rejected: list[ImageRejected]
+
+
+class JobCreate(Strict):
+    dataset_id: str
+    method: Literal["so", "lora"] = "so"
+    base_model: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobProgress(BaseModel):
+    step: int
+    total_steps: int | None
+    loss: float | None
+    train_accuracy: float | None
+    eta_seconds: float | None
+
+
+class JobPublic(BaseModel):
+    id: str
+    dataset_id: str | None
+    method: str
+    base_model: str
+    params: dict[str, Any]
+    status: JobStatus
+    cancel_requested: bool
+    progress: JobProgress
+    attempts: int
+    model_id: str | None = None
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ZeroshotCreate(Strict):
+    classes: list[ClassName] = Field(min_length=2)
+    base_model: str | None = None
+    template: str | None = Field(
+        default=None, max_length=500, description="Prompt with '{}' for the class name."
+    )
+
+    _check_unique = field_validator("classes")(_unique)
+
+
+class DeltaInfo(BaseModel):
+    nnz: int
+    bytes: int
+    density: float
+
+
+class ModelPublic(BaseModel):
+    id: str
+    status: str
+    classes: list[str]
+    base_model: str
+    method: str
+    template: str | None
+    job_id: str | None
+    delta: DeltaInfo
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class Prediction(BaseModel):
+    filename: str
+    labels: list[LabelScore]
+
+
+class ClassifyPublic(BaseModel):
+    predictions: list[Prediction]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, bool]

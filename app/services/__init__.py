@@ -1,0 +1,1 @@
+"""Service layer: the logic behind the API routes (views stay thin)."""

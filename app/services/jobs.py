@@ -1,0 +1,129 @@
+"""Training jobs: create (validate, commit, enqueue), read, list, cancel."""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.errors import Conflict, InvalidInput, NotFound
+from app.models import Job, Tenant, utcnow
+from app.schemas import JobCreate, JobProgress, JobPublic, JobStatus
+from app.services.datasets import get_dataset, image_counts
+
+log = logging.getLogger(__name__)
+
+
+def resolve_base_model(requested: str | None, settings: Settings) -> str:
+    """The base model spec to use; only the configured ones are accepted (specs can name files)."""
+    if requested is None or requested == settings.base_model:
+        return settings.base_model
+    if requested in settings.allowed_base_models:
+        return requested
+    allowed = [settings.base_model, *settings.allowed_base_models]
+    raise InvalidInput(f"base_model {requested!r} is not served here; use one of {allowed}")
+
+
+def validate_params(method: str, params: dict) -> dict:
+    """The recipe's hyper-parameters with defaults merged; InvalidInput on unknown keys or bad values."""
+    from sparseshot.adapt import validate_hparams
+
+    try:
+        return validate_hparams(method, params)
+    except ValueError as e:
+        raise InvalidInput(f"invalid params for method {method!r}: {e}") from e
+
+
+def create_job(*, session: Session, settings: Settings, tenant: Tenant, body: JobCreate) -> Job:
+    """Check the dataset and params, commit the queued job, then hand it to the queue.
+
+    A dataset qualifies when it has images and every class has at least one. The product is
+    built for 1-16 images per class; more are accepted (training simply sees them all).
+    """
+    dataset = get_dataset(session=session, tenant=tenant, dataset_id=body.dataset_id)
+    base_model = resolve_base_model(body.base_model, settings)
+    params = validate_params(body.method, body.params)
+    counts = image_counts(session=session, dataset=dataset)
+    if sum(counts.values()) == 0:
+        raise InvalidInput(f"dataset {dataset.id} has no images")
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        raise InvalidInput(f"every class needs at least one image; none for: {', '.join(empty)}")
+    job = Job(
+        tenant_id=tenant.id, dataset_id=dataset.id, method=body.method, base_model=base_model, params=params
+    )
+    session.add(job)
+    session.commit()
+    _enqueue(session, job)
+    return job
+
+
+def _enqueue(session: Session, job: Job) -> None:
+    from worker.dispatch import enqueue_training
+
+    try:
+        enqueue_training(job.id)
+    except Exception as e:
+        log.exception("could not enqueue job %s", job.id)
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == "queued")
+            .values(status="failed", error=f"could not enqueue: {e}", finished_at=utcnow())
+        )
+        session.commit()
+        session.refresh(job)
+
+
+def get_job(*, session: Session, tenant: Tenant, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant.id))
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def list_jobs(*, session: Session, tenant: Tenant, status: str | None, limit: int, offset: int) -> list[Job]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Job.status == status)
+    query = query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    return list(session.scalars(query))
+
+
+def cancel_job(*, session: Session, tenant: Tenant, job_id: str) -> Job:
+    """Queued: cancelled at once. Running: flagged; the worker stops within seconds.
+
+    Cancelling a cancelled job is a no-op; a succeeded or failed job cannot be cancelled (409).
+    Both updates are conditional on the status, so a worker starting the job concurrently either
+    sees `cancelled` (and skips it) or sees `cancel_requested` (and stops).
+    """
+    job = get_job(session=session, tenant=tenant, job_id=job_id)
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now)
+    )
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
+    )
+    session.commit()
+    session.refresh(job)
+    if job.status in ("succeeded", "failed"):
+        raise Conflict(f"job {job.id} already {job.status}")
+    return job
+
+
+def to_public(job: Job) -> JobPublic:
+    progress = JobProgress(
+        step=job.step, total_steps=job.total_steps, loss=job.loss,
+        train_accuracy=job.train_accuracy, eta_seconds=job.eta_seconds,
+    )  # fmt: skip
+    return JobPublic(
+        id=job.id, dataset_id=job.dataset_id, method=job.method, base_model=job.base_model,
+        params=job.params, status=cast(JobStatus, job.status), cancel_requested=job.cancel_requested,
+        progress=progress, attempts=job.attempts, model_id=job.model_id, error=job.error,
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+    )  # fmt: skip
