@@ -1,0 +1,216 @@
+"""The training task's bookkeeping, with sparseshot.adapt replaced by a fake (the real one runs in e2e)."""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image as PILImage
+
+import sparseshot
+from app.db import session_scope
+from app.models import Dataset, Image, Job, Model, Tenant
+from app.storage import get_storage
+from worker import tasks
+
+
+class FakeCancelled(Exception):
+    pass
+
+
+@dataclass
+class FakeDelta:
+    meta: dict[str, Any] = field(default_factory=lambda: {"template": "a photo of a {}."})
+    nnz: int = 7
+    nbytes: int = 123
+    density: float = 1e-5
+
+    def save(self, path: str) -> None:
+        Path(path).write_bytes(b"delta-" + str(self.nnz).encode())
+
+
+@dataclass
+class FakeResult:
+    delta: FakeDelta
+    metrics: dict[str, Any]
+
+
+def fake_adapt_factory(calls: list[dict[str, Any]], *, steps: int = 3, sleep: float = 0.0,
+                       fail: Exception | None = None):
+    def adapt(base, images, labels, classes, method="so", *, on_progress=None, should_stop=None,
+              checkpoint=None, **hp):
+        calls.append(dict(n_images=len(images), labels=list(labels), classes=list(classes), method=method,
+                          checkpoint=checkpoint, hparams=hp))
+        for step in range(1, steps + 1):
+            if should_stop is not None and should_stop():
+                raise sparseshot.Cancelled()
+            if fail is not None:
+                raise fail
+            time.sleep(sleep)
+            if on_progress is not None:
+                on_progress(_P(step, steps, 1.0 / step, 0.5, (steps - step) * sleep))
+        return FakeResult(FakeDelta(), {"steps": steps, "final_loss": 0.25, "train_accuracy": 1.0})
+
+    return adapt
+
+
+@dataclass
+class _P:
+    step: int
+    total_steps: int
+    loss: float
+    train_accuracy: float
+    eta_seconds: float
+
+
+@pytest.fixture
+def fake_lib(monkeypatch):
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setitem(vars(sparseshot), "Cancelled", FakeCancelled)
+    monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory(calls))
+    monkeypatch.setattr(tasks, "get_base", lambda spec: object())
+    return calls
+
+
+def _png(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("RGB", (8, 8), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None) -> str:
+    storage = get_storage()
+    with session_scope() as s:
+        tenant = Tenant(name=f"t-{time.monotonic_ns()}")
+        s.add(tenant)
+        s.flush()
+        ds = Dataset(tenant_id=tenant.id, name="d", classes=["cat", "dog"])
+        s.add(ds)
+        s.flush()
+        for ci, label in enumerate(ds.classes):
+            for i in range(n_per_class):
+                data = _png((ci * 100, i * 10, 5))
+                key = storage.put(data)
+                s.add(Image(dataset_id=ds.id, label=label, sha256=key, storage_key=key, filename=f"{i}.png",
+                            format="PNG", width=8, height=8, nbytes=len(data)))
+        job = Job(tenant_id=tenant.id, dataset_id=ds.id, method="so", base_model="sparseshot-tiny:random",
+                  params=params or {"n_iters": 3})
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def get_job(job_id: str) -> Job:
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_success_creates_model_in_one_go(settings, fake_lib):
+    job_id = make_job()
+    assert tasks.run_job(job_id, worker="w1") == "succeeded"
+    job = get_job(job_id)
+    assert job.status == "succeeded" and job.attempts == 1 and job.worker == "w1"
+    assert job.step == 3 and job.loss == 0.25 and job.finished_at is not None
+    with session_scope() as s:
+        model = s.get(Model, job.model_id)
+        assert model is not None
+        assert model.classes == ["cat", "dog"] and model.nnz == 7 and model.job_id == job_id
+        assert model.template == "a photo of a {}."
+        assert get_storage().get(model.delta_key) == b"delta-7"
+    call = fake_lib[0]
+    assert call["n_images"] == 4 and sorted(call["labels"]) == [0, 0, 1, 1]
+    assert call["hparams"] == {"n_iters": 3}
+    assert call["checkpoint"].endswith(f"checkpoints/{job_id}.pt")
+    assert not Path(call["checkpoint"]).exists()
+
+
+def test_duplicate_message_is_dropped(settings, fake_lib):
+    job_id = make_job()
+    assert tasks.run_job(job_id, worker="w1") == "succeeded"
+    assert tasks.run_job(job_id, worker="w2") == "skipped"
+    assert len(fake_lib) == 1
+    assert get_job(job_id).worker == "w1"
+    with session_scope() as s:
+        assert s.query(Model).count() == 1
+
+
+def test_job_running_elsewhere_is_not_run_twice(settings, fake_lib):
+    job_id = make_job()
+    assert tasks.claim_job(job_id, "w1") is not None
+    assert tasks.run_job(job_id, worker="w2") == "skipped"  # heartbeat is fresh
+    assert fake_lib == []
+
+
+def test_stale_running_job_is_taken_over_and_old_owner_cannot_write(settings, fake_lib):
+    job_id = make_job()
+    old = tasks.claim_job(job_id, "dead")
+    assert old is not None
+    with session_scope() as s:
+        s.get(Job, job_id).heartbeat_at = tasks.utcnow() - timedelta(seconds=60)
+    assert tasks.run_job(job_id, worker="w2") == "succeeded"
+    job = get_job(job_id)
+    assert job.attempts == 2 and job.worker == "w2"
+    assert not tasks._update_owned(old, status="failed")  # the dead worker's late write is refused
+    assert get_job(job_id).status == "succeeded"
+
+
+def test_failure_is_recorded_with_reason(settings, monkeypatch, fake_lib):
+    monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory([], fail=RuntimeError("boom")))
+    job_id = make_job()
+    assert tasks.run_job(job_id, worker="w1") == "failed"
+    job = get_job(job_id)
+    assert job.status == "failed" and "RuntimeError: boom" in (job.error or "")
+    assert job.finished_at is not None and job.model_id is None
+
+
+def test_deleted_dataset_fails_clearly(settings, fake_lib):
+    job_id = make_job()
+    with session_scope() as s:
+        job = s.get(Job, job_id)
+        s.delete(s.get(Dataset, job.dataset_id))
+    assert tasks.run_job(job_id, worker="w1") == "failed"
+    assert "dataset was deleted" in (get_job(job_id).error or "")
+
+
+def test_cancel_while_running(settings, monkeypatch, fake_lib):
+    monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory([], steps=200, sleep=0.05))
+    job_id = make_job()
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, worker="w1")))
+    t.start()
+    deadline = time.monotonic() + 5
+    while get_job(job_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert get_job(job_id).status == "running" and get_job(job_id).heartbeat_at is not None
+    t0 = time.monotonic()
+    with session_scope() as s:
+        s.get(Job, job_id).cancel_requested = True
+    t.join(timeout=10)
+    assert out == ["cancelled"] and time.monotonic() - t0 < 3
+    job = get_job(job_id)
+    assert job.status == "cancelled" and job.finished_at is not None and job.model_id is None
+
+
+def test_cancel_before_start_and_attempt_limit(settings, fake_lib):
+    job_id = make_job()
+    with session_scope() as s:
+        s.get(Job, job_id).cancel_requested = True
+    assert tasks.run_job(job_id, worker="w1") == "skipped"
+    assert get_job(job_id).status == "cancelled"
+
+    job_id = make_job()
+    with session_scope() as s:
+        s.get(Job, job_id).attempts = settings.job_max_attempts
+    assert tasks.run_job(job_id, worker="w1") == "skipped"
+    job = get_job(job_id)
+    assert job.status == "failed" and "attempts" in (job.error or "")
+    assert fake_lib == []
