@@ -42,7 +42,7 @@ def read_limited(f: BinaryIO, limit: int) -> bytes:
     """Read at most `limit` bytes; Rejected when there is more."""
     data = f.read(limit + 1)
     if len(data) > limit:
-        raise Rejected(f"file is larger than the limit of {limit} bytes", "too_large")
+        raise Rejected(f"file is over the limit of {limit} bytes", "too_large")
     return data
 
 
