@@ -16,6 +16,7 @@ import types
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,9 @@ def _in_ci() -> bool:
     return os.environ.get("CI", "").lower() == "true"
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A migrated, empty PostgreSQL database for this test session."""
+@contextmanager
+def _fresh_pg_database() -> Iterator[str]:
+    """Create an empty database on the local server; drop it afterwards."""
     admin = make_engine(f"{PG_SERVER}/postgres")
     name = f"sparseshot_test_{uuid.uuid4().hex[:10]}"
     try:
@@ -53,14 +54,27 @@ def pg_url() -> Iterator[str]:
         if _in_ci():
             pytest.fail(f"PostgreSQL is required under CI=true: {e}")
         pytest.skip(f"PostgreSQL not available: {e}")
-    url = f"{PG_SERVER}/{name}"
     try:
-        upgrade(url)
-        yield url
+        yield f"{PG_SERVER}/{name}"
     finally:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A migrated, empty PostgreSQL database for this test session."""
+    with _fresh_pg_database() as url:
+        upgrade(url)
+        yield url
+
+
+@pytest.fixture
+def empty_pg_url() -> Iterator[str]:
+    """An empty (unmigrated) PostgreSQL database for one test."""
+    with _fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
