@@ -37,10 +37,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, start the embedded worker (no broker URL), then run uvicorn until stopped."""
     import uvicorn
 
+    from app.services import inference
     from worker.embedded import EmbeddedWorker
 
     settings = _settings()
-    cmd_migrate(args)
+    if not args.no_migrate:
+        cmd_migrate(args)
+    inference.warm_up()  # load the base model in the background while the server starts
     embedded = None
     if not settings.broker_url and not args.no_worker:
         embedded = EmbeddedWorker(settings.queue_name).start()
@@ -114,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--no-worker", action="store_true", help="do not start the embedded worker")
+    s.add_argument("--no-migrate", action="store_true", help="skip `migrate` (a prestart step ran it)")
     s.set_defaults(func=cmd_serve)
 
     w = sub.add_parser("worker", help="run a training worker (Celery)")

@@ -1,0 +1,339 @@
+"""End to end over real HTTP: `sparseshot serve` on a free port, real Celery worker processes.
+
+1. Embedded defaults (SQLite, kombu's SQLite transport, embedded worker): key (CLI) -> dataset ->
+   upload -> job -> poll -> classify, a zero-shot model, and cancelling a running job.
+2. Redis + PostgreSQL (fresh database, own queue name), API and `sparseshot worker` as separate
+   processes: the same path, with the worker SIGKILLed mid-training; a new worker takes the job
+   over after the heartbeat timeout and finishes it.
+
+Tiny random base model; under CI=true a missing PostgreSQL or Redis fails instead of skipping.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+BASE_SPEC = "sparseshot-tiny:random"
+PG_SERVER = os.environ.get("SPARSESHOT_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+REDIS_URL = os.environ.get("SPARSESHOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+CLASSES = ["red", "green", "blue"]
+COLORS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 210)}
+QUICK_PARAMS = {"n_iters": 6, "batch_size": 6}
+LONG_PARAMS = {"n_iters": 100000, "batch_size": 6}
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def _unavailable(what: str, err: Exception) -> None:
+    if _in_ci():
+        pytest.fail(f"{what} is required under CI=true: {err}")
+    pytest.skip(f"{what} not available: {err}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _png(color: tuple[int, int, int], seed: int) -> bytes:
+    im = Image.new("RGB", (32, 32), color)
+    im.putpixel((seed % 32, seed // 32 % 32), (seed * 37 % 256, 0, 0))  # distinct bytes per image
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Proc:
+    """A child process in its own group, logging to a file; stopped with its whole group."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
+        self.p = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=self._fh,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.p.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout: float = 15) -> None:
+        if self.p.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill(signal.SIGKILL)  # anything left in the group (embedded worker, pool children)
+        try:
+            self.p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._fh.close()
+
+    def tail(self, n: int = 60) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+
+
+def _env(data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSESHOT_")}
+    env.update(
+        SPARSESHOT_DATA_DIR=str(data_dir),
+        SPARSESHOT_BASE_MODEL=BASE_SPEC,
+        SPARSESHOT_PROGRESS_INTERVAL_S="0.2",
+        CUDA_VISIBLE_DEVICES="",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _cli(env: dict[str, str], *args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+class Api:
+    """HTTP client of one running service."""
+
+    def __init__(self, port: int, proc: Proc) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = proc
+        self.http = httpx.Client(base_url=self.base, timeout=30)
+
+    def wait_up(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.p.poll() is None, f"server exited:\n{self.proc.tail()}"
+            try:
+                if self.http.get("/healthz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"server not up in {timeout}s:\n{self.proc.tail()}")
+
+    def auth(self, key: str) -> None:
+        self.http.headers["Authorization"] = f"Bearer {key}"
+
+    def call(self, method: str, url: str, expect: int, **kw: Any) -> Any:
+        r = self.http.request(method, url, **kw)
+        assert r.status_code == expect, f"{method} {url}: {r.status_code} {r.text}"
+        return r.json() if r.content else None
+
+    def wait_job(self, job_id: str, done: tuple[str, ...], timeout: float, logs: list[Proc]) -> dict:
+        deadline = time.monotonic() + timeout
+        job: dict = {}
+        while time.monotonic() < deadline:
+            job = self.call("GET", f"/v1/jobs/{job_id}", 200)
+            if job["status"] in done:
+                return job
+            time.sleep(0.25)
+        tails = "\n----\n".join(p.tail() for p in logs)
+        raise AssertionError(f"job {job_id} not {done} in {timeout}s: {job}\n{tails}")
+
+
+@pytest.fixture
+def procs() -> Iterator[list[Proc]]:
+    started: list[Proc] = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def _serve(env: dict[str, str], tmp: Path, procs: list[Proc]) -> Api:
+    port = _free_port()
+    proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "serve.log")
+    procs.append(proc)
+    api = Api(port, proc)
+    api.wait_up()
+    return api
+
+
+# ---------------------------------------------------------------- the used-by path
+
+
+def _create_key(env: dict[str, str]) -> str:
+    key = _cli(env, "keys", "create", "--tenant", f"e2e-{uuid.uuid4().hex[:6]}").strip().splitlines()[-1]
+    assert key.startswith("sk_") and " " not in key
+    return key
+
+
+def _dataset_with_images(api: Api) -> str:
+    ds = api.call("POST", "/v1/datasets", 201, json={"name": "colours", "classes": CLASSES})
+    for label in CLASSES:
+        files = [("files", (f"{label}{i}.png", _png(COLORS[label], i), "image/png")) for i in range(2)]
+        out = api.call("POST", f"/v1/datasets/{ds['id']}/images", 201, data={"label": label}, files=files)
+        assert len(out["added"]) == 2 and out["rejected"] == []
+    got = api.call("GET", f"/v1/datasets/{ds['id']}", 200)
+    assert got["image_counts"] == {c: 2 for c in CLASSES}
+    return str(ds["id"])
+
+
+def _start_job(api: Api, dataset_id: str, params: dict[str, Any]) -> dict:
+    r = api.http.post("/v1/jobs", json={"dataset_id": dataset_id, "method": "so", "params": params})
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
+    assert job["status"] in ("queued", "running")
+    return dict(job)
+
+
+def _classify(api: Api, model_id: str) -> None:
+    files = [("files", ("q-red.png", _png(COLORS["red"], 99), "image/png")),
+             ("files", ("q-blue.png", _png(COLORS["blue"], 98), "image/png"))]
+    out = api.call("POST", f"/v1/models/{model_id}/classify", 200, files=files, data={"top_k": "2"})
+    preds = out["predictions"]
+    assert [p["filename"] for p in preds] == ["q-red.png", "q-blue.png"]
+    for p in preds:
+        scores = [lab["score"] for lab in p["labels"]]
+        assert len(scores) == 2 and scores == sorted(scores, reverse=True)
+        assert 0 <= sum(scores) <= 1 + 1e-5
+        assert {lab["label"] for lab in p["labels"]} <= set(CLASSES)
+
+
+def _train_and_classify(api: Api, dataset_id: str, logs: list[Proc]) -> dict:
+    job = _start_job(api, dataset_id, QUICK_PARAMS)
+    job = api.wait_job(job["id"], ("succeeded", "failed", "cancelled"), 120, logs)
+    assert job["status"] == "succeeded", job
+    assert job["model_id"] and job["finished_at"] and job["progress"]["step"] == QUICK_PARAMS["n_iters"]
+    model = api.call("GET", f"/v1/models/{job['model_id']}", 200)
+    assert model["classes"] == CLASSES and model["delta"]["nnz"] > 0 and model["method"] == "so"
+    _classify(api, model["id"])
+    return job
+
+
+def _wait_running(api: Api, job_id: str, logs: list[Proc], min_step: int = 1) -> dict:
+    deadline = time.monotonic() + 90
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = api.call("GET", f"/v1/jobs/{job_id}", 200)
+        if job["status"] == "running" and job["progress"]["step"] >= min_step:
+            return job
+        assert job["status"] in ("queued", "running"), job
+        time.sleep(0.2)
+    tails = "\n----\n".join(p.tail() for p in logs)
+    raise AssertionError(f"job {job_id} never ran: {job}\n{tails}")
+
+
+# ---------------------------------------------------------------- tests
+
+
+def test_embedded_defaults_used_by_path_and_cancel(tmp_path: Path, procs: list[Proc]) -> None:
+    env = _env(tmp_path / "data")
+    api = _serve(env, tmp_path, procs)
+    api.auth(_create_key(env))
+    dataset_id = _dataset_with_images(api)
+    _train_and_classify(api, dataset_id, procs)
+
+    zs = api.call("POST", "/v1/models/zeroshot", 201, json={"classes": CLASSES})
+    _classify(api, zs["id"])
+
+    job = _start_job(api, dataset_id, LONG_PARAMS)
+    _wait_running(api, job["id"], procs)
+    t0 = time.monotonic()
+    api.call("POST", f"/v1/jobs/{job['id']}/cancel", 202)
+    job = api.wait_job(job["id"], ("cancelled", "succeeded", "failed"), 20, procs)
+    assert job["status"] == "cancelled" and time.monotonic() - t0 < 15, job
+    assert job["model_id"] is None
+
+    ready = api.http.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    metrics = api.http.get("/metrics").text
+    assert "sparseshot_queue_depth" in metrics
+
+
+@pytest.fixture
+def pg_database() -> Iterator[str]:
+    from sqlalchemy import text
+
+    from app.db import make_engine
+
+    admin = make_engine(f"{PG_SERVER}/postgres")
+    name = f"sparseshot_e2e_{uuid.uuid4().hex[:10]}"
+    try:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+    except Exception as e:
+        admin.dispose()
+        _unavailable("PostgreSQL", e)
+    try:
+        yield f"{PG_SERVER}/{name}"
+    finally:
+        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def redis_queue() -> Iterator[str]:
+    import redis
+
+    queue = f"sparseshot-e2e-{uuid.uuid4().hex[:8]}"
+    try:
+        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
+        client.ping()
+    except Exception as e:
+        _unavailable("Redis", e)
+    yield queue
+    for key in client.scan_iter(f"*{queue}*"):
+        client.delete(key)
+    client.close()
+
+
+def test_redis_postgres_workers_and_sigkill_recovery(tmp_path: Path, procs: list[Proc], pg_database: str,
+                                                     redis_queue: str) -> None:
+    env = _env(tmp_path / "data", SPARSESHOT_DATABASE_URL=pg_database, SPARSESHOT_BROKER_URL=REDIS_URL,
+               SPARSESHOT_QUEUE_NAME=redis_queue, SPARSESHOT_JOB_HEARTBEAT_TIMEOUT_S="4",
+               SPARSESHOT_RECOVERY_INTERVAL_S="1")
+    _cli(env, "migrate")
+    api = _serve(env, tmp_path, procs)  # a broker URL is set: API only, no embedded worker
+    first = Proc(["worker"], env, tmp_path / "worker1.log")
+    procs.append(first)
+    api.auth(_create_key(env))
+    dataset_id = _dataset_with_images(api)
+    _train_and_classify(api, dataset_id, procs)
+
+    # A longer job: SIGKILL its worker (the whole process group, as if the machine was lost).
+    job = _start_job(api, dataset_id, {**LONG_PARAMS, "n_iters": RECOVERY_ITERS})
+    running = _wait_running(api, job["id"], procs, min_step=2)
+    first.kill(signal.SIGKILL)
+    first.p.wait(10)
+    killed_at = time.monotonic()
+    second = Proc(["worker"], env, tmp_path / "worker2.log")
+    procs.append(second)
+    job = api.wait_job(job["id"], ("succeeded", "failed", "cancelled"), 120, procs)
+    assert time.monotonic() - killed_at < 120
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2 and job["progress"]["step"] == RECOVERY_ITERS
+    assert running["attempts"] == 1
+    _classify(api, job["model_id"])
+
+
+RECOVERY_ITERS = 400

@@ -1,0 +1,51 @@
+"""The `sparseshot` command line: migrate, keys, bench dispatch."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from app import cli
+from app.db import session_scope
+from app.services import auth
+
+
+def test_keys_create_list_revoke(settings, capsys):
+    assert cli.main(["migrate"]) == 0  # idempotent on a migrated database
+    assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
+    key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert key.startswith("sk_") and " " not in key
+    with session_scope() as s:
+        assert auth.authenticate(session=s, key=key).name == "acme"
+        (row,) = auth.list_keys(session=s)
+        key_id = row.id
+
+    assert cli.main(["keys", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert key_id in listing and "acme" in listing and key not in listing
+
+    assert cli.main(["keys", "revoke", key_id]) == 0
+    assert key_id in capsys.readouterr().out
+    with session_scope() as s, pytest.raises(auth.Unauthorized):
+        auth.authenticate(session=s, key=key)
+    assert cli.main(["keys", "revoke", "no-such-key"]) == 1
+
+
+def test_bench_passes_arguments_through(monkeypatch):
+    seen: list[list[str]] = []
+    fake = types.ModuleType("benchmarks.train_step")
+    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "benchmarks.train_step", fake)
+    assert cli.main(["bench", "train-step", "--steps", "3", "--help-me"]) == 0
+    assert seen == [["--steps", "3", "--help-me"]]
+    assert cli.main(["bench", "nope"]) == 2
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("serve", "worker", "migrate", "keys", "bench"):
+        assert name in out
