@@ -65,11 +65,12 @@ def get_engine(url: str | None = None) -> Engine:
         return engine
 
 
-def dispose_engines() -> None:
-    """Close every cached engine (tests, forked worker processes)."""
+def dispose_engines(close: bool = True) -> None:
+    """Drop every cached engine. A forked child passes close=False: it forgets the parent's pooled
+    connections without closing the sockets the parent still uses."""
     with _engines_lock:
         for engine in _engines.values():
-            engine.dispose()
+            engine.dispose(close=close)
         _engines.clear()
 
 
