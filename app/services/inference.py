@@ -304,9 +304,26 @@ def reset() -> None:
 # ---------------------------------------------------------------- the service functions
 
 
+def _entry_for(model: Any) -> _Entry:
+    """The cached classifier of a model row; ModelNotReady (409) when it cannot be served."""
+    from app.errors import ModelNotReady
+    from app.storage import StorageError
+
+    try:
+        return get_cache().get(model.base_model, model.delta_key)
+    except StorageError as e:
+        raise ModelNotReady(f"the delta file of model {model.id} is not available") from e
+    except Exception as e:
+        import sparseshot
+
+        if isinstance(e, (sparseshot.DeltaError, sparseshot.BaseModelError, FileNotFoundError)):
+            raise ModelNotReady(f"model {model.id} cannot be served: {e}") from e
+        raise
+
+
 def classify(*, model: Any, images: Sequence[tuple[str, Any]], top_k: int) -> list[dict[str, Any]]:
     """Top-k labels per image: [{"filename", "labels": [{"label", "score"}]}] in input order."""
-    entry = get_cache().get(model.base_model, model.delta_key)
+    entry = _entry_for(model)
     pils = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for _, im in images]
     preds = entry.batcher(pils, max(1, int(top_k)))
     return [

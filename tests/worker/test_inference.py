@@ -116,3 +116,70 @@ def test_classify_formats_predictions(monkeypatch):
     out = inference.classify(model=Row(), images=imgs, top_k=3)
     assert out == [{"filename": "a.png", "labels": [{"label": "cat", "score": 1.0}]},
                    {"filename": "b.png", "labels": [{"label": "cat", "score": 1.0}]}]
+
+
+# ---------------------------------------------------------------- with the real tiny base model
+
+
+def _store_delta(base, classes, *, perturb: float | None, seed: int) -> str:
+    import tempfile
+
+    import torch
+
+    from app.storage import get_storage
+    from sparseshot import SparseDelta
+
+    g = torch.Generator().manual_seed(seed)
+    state = {k: v.detach().clone() for k, v in base.model.state_dict().items()}
+    name = next(k for k in state if k.endswith("proj") and state[k].dim() == 2)
+    adapted = dict(state)
+    if perturb is not None:
+        w = adapted[name].clone()
+        w.view(-1)[:5] += perturb
+        adapted[name] = w
+    delta = SparseDelta.from_models(state, adapted, names=[name],
+                                    meta={"classes": classes, "base_fingerprint": base.fingerprint})
+    emb = torch.nn.functional.normalize(torch.randn(len(classes), state[name].shape[1], generator=g), dim=-1)
+    delta.extras["class_embeddings"] = emb
+    with tempfile.TemporaryDirectory() as d:
+        path = f"{d}/delta.safetensors"
+        delta.save(path)
+        return get_storage().put_file(path)
+
+
+def test_real_models_served_concurrently_match_sequential(settings):
+    from PIL import Image
+
+    inference.reset()
+    base = inference.get_base()
+    assert inference.base_ready()
+
+    class Row:
+        def __init__(self, key: str) -> None:
+            self.id, self.base_model, self.delta_key = key[:8], settings.base_model, key
+
+    rows = [Row(_store_delta(base, ["a", "b", "c"], perturb=p, seed=i))
+            for i, p in enumerate((None, 0.5, -0.5))]
+    imgs = [(f"{i}.png", Image.new("RGB", (40, 40), (i * 60, 255 - i * 50, 90))) for i in range(4)]
+    expected = [inference.classify(model=r, images=imgs, top_k=3) for r in rows]
+    for exp in expected:
+        for pred in exp:
+            scores = [lab["score"] for lab in pred["labels"]]
+            assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+
+    jobs = [(rows[i % 3],) for i in range(12)]
+    got = _run_concurrently(lambda r: inference.classify(model=r, images=imgs, top_k=3), jobs)
+    for (r,), out in zip(jobs, got, strict=True):
+        exp = expected[rows.index(r)]
+        for p, q in zip(out, exp, strict=True):
+            assert [lab["label"] for lab in p["labels"]] == [lab["label"] for lab in q["labels"]]
+            assert [lab["score"] for lab in p["labels"]] == pytest.approx([lab["score"] for lab in q["labels"]],
+                                                                        abs=1e-5)
+    cache = inference.get_cache()
+    assert cache.misses == 3 and cache.hits >= 12
+
+    from app.errors import ModelNotReady
+
+    with pytest.raises(ModelNotReady):
+        inference.classify(model=Row("0" * 64), images=imgs, top_k=1)
+    inference.reset()
