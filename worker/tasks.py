@@ -67,10 +67,7 @@ def _init_child(**_: Any) -> None:
     """In each forked pool process: drop inherited DB connections, warm the default base model."""
     from app import db
 
-    try:
-        db.dispose_engines(close=False)  # type: ignore[call-arg]
-    except TypeError:
-        db.dispose_engines()
+    db.dispose_engines(close=False)
     threading.Thread(target=_warm_base, name="warm-base", daemon=True).start()
 
 

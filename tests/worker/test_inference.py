@@ -173,8 +173,8 @@ def test_real_models_served_concurrently_match_sequential(settings):
         exp = expected[rows.index(r)]
         for p, q in zip(out, exp, strict=True):
             assert [lab["label"] for lab in p["labels"]] == [lab["label"] for lab in q["labels"]]
-            assert [lab["score"] for lab in p["labels"]] == pytest.approx([lab["score"] for lab in q["labels"]],
-                                                                        abs=1e-5)
+            want = [lab["score"] for lab in q["labels"]]
+            assert [lab["score"] for lab in p["labels"]] == pytest.approx(want, abs=1e-5)
     cache = inference.get_cache()
     assert cache.misses == 3 and cache.hits >= 12
 
