@@ -179,46 +179,57 @@ def _store(
     dataset: Dataset,
     candidates: list[_Candidate],
     report: _Report,
+    attempts: int = 3,
 ) -> None:
-    """Write files first (atomic, content-addressed), then commit all rows in one transaction."""
+    """Write files first (atomic, content-addressed), then commit all rows in one transaction.
+
+    A concurrent upload of the same image trips unique(dataset_id, sha256): the transaction is
+    rolled back and duplicates are worked out again.
+    """
+    for attempt in range(attempts):
+        added, dups = _plan(session, dataset, candidates)
+        written = [k for k in added if not storage.exists(k)]
+        try:
+            for c, _row in added.values():
+                storage.put(c.image.data)
+            session.add_all(row for _c, row in added.values())
+            session.commit()
+            break
+        except IntegrityError as e:
+            session.rollback()
+            _remove_unreferenced(session=session, storage=storage, keys=written)
+            if attempt == attempts - 1:
+                raise Conflict("concurrent uploads of the same images; retry") from e
+        except BaseException:
+            session.rollback()
+            _remove_unreferenced(session=session, storage=storage, keys=written)
+            raise
+    report.rejected.extend(dups)
+    for c, row in added.values():
+        report.added.append(ImageAdded(image_id=row.id, filename=c.filename, label=row.label))
+
+
+def _plan(
+    session: Session, dataset: Dataset, candidates: list[_Candidate]
+) -> tuple[dict[str, tuple[_Candidate, Image]], list[ImageRejected]]:
+    """New rows by sha256 (first file wins) and the duplicates (of stored or earlier files)."""
     existing = _existing(session, dataset.id, [c.image.sha256 for c in candidates])
-    fresh: dict[str, Image] = {}
+    added: dict[str, tuple[_Candidate, Image]] = {}
+    dups: list[ImageRejected] = []
     for c in candidates:
-        dup = existing.get(c.image.sha256) or (fresh[c.image.sha256].id if c.image.sha256 in fresh else None)
-        if dup is not None:
-            report.rejected.append(
-                ImageRejected(
-                    filename=c.filename, detail="exact duplicate of an image in the dataset", duplicate_of=dup
-                )
-            )
-            continue
         img = c.image
-        fresh[img.sha256] = Image(
-            id=new_id(),
-            dataset_id=dataset.id, label=c.label, sha256=img.sha256, storage_key=img.sha256,
+        dup = existing.get(img.sha256) or (added[img.sha256][1].id if img.sha256 in added else None)
+        if dup is not None:
+            detail = "exact duplicate of an image in the dataset"
+            dups.append(ImageRejected(filename=c.filename, detail=detail, duplicate_of=dup))
+            continue
+        row = Image(
+            id=new_id(), dataset_id=dataset.id, label=c.label, sha256=img.sha256, storage_key=img.sha256,
             filename=c.filename[:255], format=img.format, width=img.width, height=img.height,
             nbytes=len(img.data),
         )  # fmt: skip
-    if not fresh:
-        return
-    written = [k for k in fresh if not storage.exists(k)]
-    try:
-        for c in candidates:
-            if c.image.sha256 in fresh:
-                storage.put(c.image.data)
-        session.add_all(fresh.values())
-        session.commit()
-    except IntegrityError as e:
-        session.rollback()
-        _remove_unreferenced(session=session, storage=storage, keys=written)
-        raise Conflict("another upload added the same images at the same time; retry") from e
-    except BaseException:
-        session.rollback()
-        _remove_unreferenced(session=session, storage=storage, keys=written)
-        raise
-    label_of = {c.image.sha256: c for c in candidates}
-    for sha, row in fresh.items():
-        report.added.append(ImageAdded(image_id=row.id, filename=label_of[sha].filename, label=row.label))
+        added[img.sha256] = (c, row)
+    return added, dups
 
 
 def _existing(session: Session, dataset_id: str, shas: list[str]) -> dict[str, str]:

@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge
+from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge, Unavailable
 from app.models import Image, Job, Model, Tenant
 from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, ZeroshotCreate
 from app.services import images as imgcheck
 from app.services.datasets import Upload
 from app.services.jobs import resolve_base_model
 from app.storage import LocalStorage
+
+
+@contextmanager
+def _serving_errors(model_id: str | None) -> Iterator[None]:
+    """A corrupt delta: the model cannot be served (409). No base model: unavailable (503)."""
+    from sparseshot.base import BaseModelError
+    from sparseshot.delta import DeltaError
+
+    try:
+        yield
+    except DeltaError as e:
+        raise ModelNotReady(f"the delta of model {model_id} cannot be loaded: {e}") from e
+    except BaseModelError as e:
+        raise Unavailable(f"the base model is not available: {e}") from e
 
 
 def create_zeroshot(*, session: Session, settings: Settings, tenant: Tenant, body: ZeroshotCreate) -> Model:
@@ -26,9 +42,10 @@ def create_zeroshot(*, session: Session, settings: Settings, tenant: Tenant, bod
     if body.template is not None and "{}" not in body.template:
         raise InvalidInput("template must contain '{}' where the class name goes")
     base_model = resolve_base_model(body.base_model, settings)
-    key, nnz, nbytes, density = inference.create_zeroshot_delta(
-        classes=list(body.classes), base_model=base_model, template=body.template
-    )
+    with _serving_errors(None):
+        key, nnz, nbytes, density = inference.create_zeroshot_delta(
+            classes=list(body.classes), base_model=base_model, template=body.template
+        )
     model = Model(
         tenant_id=tenant.id, classes=list(body.classes), base_model=base_model, method="zeroshot",
         template=body.template, delta_key=key, nnz=nnz, nbytes=nbytes, density=density, metrics={},
@@ -115,7 +132,8 @@ def classify(
     if rejected:
         first = rejected[0]
         raise InvalidInput(f"{first['filename']}: {first['detail']}", extra={"rejected": rejected})
-    results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)))
+    with _serving_errors(model.id):
+        results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)))
     return ClassifyPublic(predictions=[Prediction.model_validate(r) for r in results])
 
 

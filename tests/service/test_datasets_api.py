@@ -248,3 +248,24 @@ def test_delete_dataset_with_active_job_is_409(api) -> None:
     assert api.client.delete(f"/v1/datasets/{ds['id']}", headers=api.headers).status_code == 204
     kept = api.client.get(f"/v1/jobs/{job['id']}", headers=api.headers).json()
     assert kept["status"] == "cancelled" and kept["dataset_id"] is None
+
+
+def test_concurrent_duplicate_upload_is_retried(api, settings: Settings, monkeypatch) -> None:
+    from app.services import datasets as svc
+
+    ds = api.dataset()
+    red = api.image((255, 0, 0))
+    first = api.upload(ds["id"], "cat", red).json()["added"][0]["image_id"]
+    real, calls = svc._existing, []
+
+    def stale_once(*args):
+        calls.append(1)
+        return {} if len(calls) == 1 else real(*args)  # as if the other upload had not committed yet
+
+    monkeypatch.setattr(svc, "_existing", stale_once)
+    r = api.upload(ds["id"], "cat", red, api.image((0, 255, 0)))
+    assert r.status_code == 201, r.text
+    assert len(calls) == 2
+    assert [x["duplicate_of"] for x in r.json()["rejected"]] == [first]
+    assert len(r.json()["added"]) == 1
+    assert len(_stored_files(settings)) == 2

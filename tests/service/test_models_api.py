@@ -160,3 +160,25 @@ def test_other_tenants_models_are_404(api, fake_inference, make_key) -> None:
     files = [("files", ("a.png", api.image(), "image/png"))]
     api.problem(api.client.post(f"/v1/models/{model['id']}/classify", files=files, headers=other), 404)
     assert api.client.get("/v1/models", headers=other).json() == []
+
+
+def test_serving_failures_map_to_409_and_503(api, fake_inference, monkeypatch) -> None:
+    from sparseshot.base import BaseModelError
+    from sparseshot.delta import DeltaError
+
+    model = _zeroshot(api)
+
+    def raiser(exc: Exception):
+        def fail(**_kw):
+            raise exc
+
+        return fail
+
+    monkeypatch.setattr(inference, "classify", raiser(DeltaError("checksum mismatch")))
+    assert "checksum" in api.problem(_classify(api, model["id"], api.image()), 409)["detail"]
+    monkeypatch.setattr(inference, "classify", raiser(BaseModelError("no weights")))
+    api.problem(_classify(api, model["id"], api.image()), 503)
+    monkeypatch.setattr(inference, "create_zeroshot_delta", raiser(BaseModelError("no weights")))
+    r = api.client.post("/v1/models/zeroshot", json={"classes": ["a", "b"]}, headers=api.headers)
+    api.problem(r, 503)
+    assert [m["id"] for m in api.client.get("/v1/models", headers=api.headers).json()] == [model["id"]]
