@@ -59,11 +59,12 @@ class SupportProvider(Protocol):
 # --------------------------------------------------------------------------------------------------
 
 
-def _support_grad(gy: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+def _support_grad(gy: Tensor, xs: Tensor, rows: Tensor, cols: Tensor | None) -> Tensor:
     """Σₙ gy[n, rows_j]·x[n, cols_j] for each j, in fp32.
 
-    gy: (N, d_out), x: (N, d_in), rows/cols: (k,) -> (k,). Gathers k columns of each operand in
-    chunks so at most ~_GATHER_CHUNK_ELEMS elements per operand are alive at once.
+    gy: (N, d_out); rows: (k,). Either xs = the gathered columns x[:, cols] (N, k) and cols None,
+    or xs = x (N, d_in) and cols (k,). Works in chunks of k so that at most ~_GATHER_CHUNK_ELEMS
+    elements per operand are alive at once. Returns (k,) fp32.
     """
     n, k = gy.shape[0], rows.numel()
     out = torch.empty(k, dtype=torch.float32, device=gy.device)
@@ -71,19 +72,21 @@ def _support_grad(gy: Tensor, x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     for s in range(0, k, step):
         e = min(k, s + step)
         a = gy.index_select(1, rows[s:e]).float()  # (N, kc)
-        b = x.index_select(1, cols[s:e]).float()  # (N, kc)
+        b = (xs[:, s:e] if cols is None else xs.index_select(1, cols[s:e])).float()  # (N, kc)
         out[s:e] = (a * b).sum(0)
     return out
 
 
 class SparseLinearFn(torch.autograd.Function):
-    """y = x·W[row_start:row_end]ᵀ + b, with the weight gradient only on a support S of W.
+    """y = x·Wᵀ + b whose weight gradient is computed only at k entries (rows_j, cols_j) of W.
 
-    Inputs: x (..., d_in); weight (rows, d_in), detached (a slice of the full matrix W); bias
-    (rows,) or None; support (k,) sorted flat indices into the *full* W (n_rows_full × d_in);
-    probe (k,) fp32 leaf whose grad receives dL/dW[S]; sliced: `weight` is the row block of W
-    starting at row_start. Support entries outside that block get 0 from this call, so several calls
-    on slices of one W (cross-attention q/k/v) add up to the full gradient.
+    Inputs: x (..., d_in); weight (d_out, d_in), detached; bias (d_out,) or None; rows, cols (k,)
+    int64 coordinates in `weight`; inside (k,) bool or None (False: the entry belongs to another
+    row block of the full matrix and gets 0 here); probe (k,) fp32 leaf receiving the k values.
+
+    What backward needs of x is saved at forward time: only the k gathered columns x[..., cols]
+    when k < d_in (a few hundred bytes per token at SO's densities, instead of the whole input
+    that a dense weight gradient needs), else x itself.
     """
 
     @staticmethod
@@ -92,42 +95,35 @@ class SparseLinearFn(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        support: Tensor,
+        rows: Tensor,
+        cols: Tensor,
+        inside: Tensor | None,
         probe: Tensor,
-        row_start: int,
-        sliced: bool,
     ) -> Tensor:
-        ctx.save_for_backward(x, weight, support)
-        ctx.row_start, ctx.sliced = row_start, sliced
+        d_in = weight.shape[1]
         ctx.has_bias = bias is not None
+        ctx.gathered = rows.numel() < d_in
+        keep = None
+        if ctx.needs_input_grad[6]:
+            # (N, k) gathered columns or (N, d_in) input.
+            keep = x.index_select(-1, cols).reshape(-1, cols.numel()) if ctx.gathered else x.reshape(-1, d_in)
+        ctx.save_for_backward(keep, weight, rows, cols, inside)
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x, weight, support = ctx.saved_tensors
-        d_out, d_in = weight.shape
+        keep, weight, rows, cols, inside = ctx.saved_tensors
         grad_x = grad_b = grad_probe = None
         if ctx.needs_input_grad[0]:
             grad_x = gy.matmul(weight.to(gy.dtype))  # (..., d_in)
-        gy2 = gy.reshape(-1, d_out)  # (N, d_out)
+        gy2 = gy.reshape(-1, weight.shape[0])  # (N, d_out)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = gy2.sum(0)
-        if ctx.needs_input_grad[4]:
-            grad_probe = _probe_grad(gy2, x.reshape(-1, d_in), support, ctx.row_start, ctx.sliced)
-        return grad_x, None, grad_b, None, grad_probe, None, None
-
-
-def _probe_grad(gy2: Tensor, x2: Tensor, support: Tensor, row_start: int, sliced: bool) -> Tensor:
-    """dL/dW[S] (k,) fp32 for the rows [row_start, row_start + d_out) of W that this call produced."""
-    d_out, d_in = gy2.shape[1], x2.shape[1]
-    rows = torch.div(support, d_in, rounding_mode="floor")  # (k,) row in the full W
-    cols = support - rows * d_in  # (k,)
-    if not sliced:
-        return _support_grad(gy2, x2, rows, cols)
-    # Only a slice of W: entries whose row lies elsewhere get 0 from this call.
-    rows = rows - row_start
-    inside = (rows >= 0) & (rows < d_out)
-    return _support_grad(gy2, x2, rows.clamp(0, d_out - 1), cols) * inside
+        if ctx.needs_input_grad[6]:
+            grad_probe = _support_grad(gy2, keep, rows, None if ctx.gathered else cols)
+            if inside is not None:
+                grad_probe = grad_probe * inside
+        return grad_x, None, grad_b, None, None, None, grad_probe
 
 
 def sparse_linear(
@@ -138,12 +134,21 @@ def sparse_linear(
     probe: Tensor,
     row_start: int | None = None,
 ) -> Tensor:
-    """Functional form of `SparseLinearFn`; `weight` is detached here.
+    """x·weightᵀ + bias; backward writes dL/dW[support] (fp32) into probe.grad, never forming dW.
 
-    row_start=None: `weight` is the whole matrix the support indexes; else its row block from there.
+    support: (k,) flat indices into W. row_start None: `weight` is W itself; otherwise `weight` is
+    the row block of W starting at row row_start (entries of other blocks get 0 from this call, so
+    calls on all blocks of W add up to the full gradient). `weight` is detached here.
     """
-    sliced = row_start is not None
-    return SparseLinearFn.apply(x, weight.detach(), bias, support, probe, row_start or 0, sliced)
+    d_out, d_in = weight.shape
+    rows = torch.div(support, d_in, rounding_mode="floor")  # (k,) row in W
+    cols = support - rows * d_in  # (k,)
+    inside = None
+    if row_start is not None:
+        rows = rows - row_start  # row in this block
+        inside = (rows >= 0) & (rows < d_out)
+        rows = rows.clamp(0, d_out - 1)
+    return SparseLinearFn.apply(x, weight.detach(), bias, rows, cols, inside, probe)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -142,7 +142,10 @@ def test_lora_hooks_add_to_projections() -> None:
 
 
 @pytest.mark.parametrize("shape", [(6, 5), (2, 4, 5)])
-def test_sparse_linear_grads_match_dense(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("support", [[0, 3, 11, 12, 20, 34], [3, 12, 34]])  # k >= d_in, k < d_in
+def test_sparse_linear_grads_match_dense(
+    shape: tuple[int, ...], support: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(sparse_grad, "_GATHER_CHUNK_ELEMS", 8)  # force several chunks
     w = torch.randn(7, 5, requires_grad=True)
     b = torch.randn(7, requires_grad=True)
@@ -152,16 +155,31 @@ def test_sparse_linear_grads_match_dense(shape: tuple[int, ...], monkeypatch: py
     dense_x, dense_w, dense_b = x.grad.clone(), w.grad.clone(), b.grad.clone()
     x.grad = b.grad = w.grad = None
 
-    support = torch.tensor([0, 3, 11, 12, 20, 34])
-    probe = torch.zeros(6, requires_grad=True)
-    y = sparse_linear(x, w, b, support, probe)
+    s = torch.tensor(support)
+    probe = torch.zeros(len(support), requires_grad=True)
+    y = sparse_linear(x, w, b, s, probe)
     torch.testing.assert_close(y, F.linear(x, w, b))
     (y * gy).sum().backward()
     assert w.grad is None
     assert probe.grad.dtype == torch.float32
-    torch.testing.assert_close(probe.grad, dense_w.flatten()[support])
+    torch.testing.assert_close(probe.grad, dense_w.flatten()[s])
     torch.testing.assert_close(x.grad, dense_x)
     torch.testing.assert_close(b.grad, dense_b)
+
+
+def test_sparse_linear_saves_only_gathered_columns() -> None:
+    w = torch.randn(64, 32, requires_grad=True)
+    x = torch.randn(10, 32)
+    saved: list[torch.Size] = []
+
+    def pack(t: Tensor) -> Tensor:
+        saved.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sparse_linear(x, w, None, torch.tensor([5, 900, 2000]), torch.zeros(3, requires_grad=True))
+    assert torch.Size([10, 3]) in saved  # x[:, cols], not x
+    assert all(s.numel() < x.numel() or s == w.shape for s in saved)
 
 
 def test_sparse_linear_bf16_probe_is_fp32() -> None:
