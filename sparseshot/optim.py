@@ -128,6 +128,7 @@ class SO(Optimizer):
         self._gens: dict[str, torch.Generator] = {}
         self._base_seed: int | None = None
         self._probes: dict[int, torch.Tensor] = {}  # id(param) -> (k,) fp32 leaf
+        self._layouts: dict[tuple[str, Any], _Layout] = {}
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -188,11 +189,11 @@ class SO(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if group["dense"]:
+            if group["dense"]:
+                for p in group["params"]:
                     self._dense_step(p, group)
-                else:
-                    self._sparse_step(p, group)
+            else:
+                self._sparse_group_step(group)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -285,49 +286,113 @@ class SO(Optimizer):
             raise RuntimeError("SO does not take sparse-layout gradients; use grad_probe()")
         return _flat(p.grad).index_select(0, support).float()
 
-    def _sparse_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
-        state = self.state[p]
-        support = state["support"]  # (k,)
-        k = support.numel()
-        if k == 0:
-            return
-        g = self._support_grad(p, support)  # (k,) fp32
-        if g is None:
-            return
-        flat = _flat(p)  # (n,) view of the parameter
-        wd = group["weight_decay"]
-        if wd != 0:
-            g = g + wd * flat.index_select(0, support).float()
-        state["step"] += 1
-        t = state["step"]
-        beta1, beta2 = group["betas"]
+    def _sparse_group_step(self, group: dict[str, Any]) -> None:
+        """One step for the sparse tensors of a group, batched over tensors sharing device and t.
 
-        idx, m, v, g_u, merged = _merge(state["m_idx"], state["m"], state["v"], support, g)
-        # Adam on the L = |M| + k slots of U (the duplicate slot of a merged pair is ignored below).
+        Tensors are laid out one after the other in a single slot vector, so the sorts and the Adam
+        arithmetic run once per batch rather than once per tensor; only the gather/scatter of θ
+        stays per tensor. Element for element this is the per-tensor algorithm of the module
+        docstring (segments never mix: their keys are offset by the sizes of the tensors before).
+        """
+        batches: dict[tuple[str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for p in group["params"]:
+            state = self.state[p]
+            if state["support"].numel() == 0:
+                continue
+            g = self._support_grad(p, state["support"])  # (k,) fp32
+            if g is not None:
+                batches.setdefault((str(p.device), state["step"] + 1), []).append((p, g))
+        for (_, t), items in batches.items():
+            self._sparse_batch_step(group, t, [p for p, _ in items], [g for _, g in items])
+            if t % group["refresh_every"] == 0:
+                for p, _ in items:
+                    state = self.state[p]
+                    k = state["support"].numel()
+                    state["support"] = draw_support(p.numel(), k, self._generator(p.device), p.device)
+                    self._new_probe(p)
+
+    def _sparse_batch_step(
+        self, group: dict[str, Any], t: int, params: list[torch.Tensor], grads: list[torch.Tensor]
+    ) -> None:
+        states = [self.state[p] for p in params]
+        for st in states:
+            st["step"] = t
+        flats = [_flat(p) for p in params]  # (n_i,) views
+        lay = self._layout(params, states)
+        beta1, beta2 = group["betas"]
+        wd = group["weight_decay"]
+
+        # U = M ∪ S of every tensor on L = KM + K slots (KM = Σ|M_i|, K = Σk_i), sorted by the key
+        # (tensor, flat index): key = Σ_{j<i} n_j + index, so tensors never mix.
+        m_key = torch.cat([st["m_idx"] for st in states]) + lay.m_offset  # (KM,) ascending
+        s_key = torch.cat([st["support"] for st in states]) + lay.s_offset  # (K,) ascending
+        # Merge two sorted lists by rank: an M entry goes before an S entry of the same key.
+        m_pos = lay.m_arange + torch.searchsorted(s_key, m_key, right=False)
+        s_pos = lay.s_arange + torch.searchsorted(m_key, s_key, right=True)
+        order = torch.empty_like(lay.offset)  # slot -> position in [M entries, S entries]
+        order.index_put_((m_pos,), lay.m_arange).index_put_((s_pos,), lay.s_arange + lay.km)
+        key = torch.cat([m_key, s_key]).index_select(0, order)  # (L,) ascending
+        local = key - lay.offset  # flat index within its tensor
+        zeros_k = lay.zeros_k
+        m = torch.cat([*(st["m"] for st in states), zeros_k]).index_select(0, order)
+        v = torch.cat([*(st["v"] for st in states), zeros_k]).index_select(0, order)
+        g_u = torch.cat([lay.zeros_km, *grads]).index_select(0, order)
+        # A pair (i, i+1) with the same key: slot i from M, slot i+1 from S. Slot i+1 takes the
+        # moments; slot i is flagged `merged` and ignored.
+        dup = key[1:] == key[:-1]
+        no = lay.no
+        merged = torch.cat([dup, no])
+        takes = torch.cat([no, dup])
+        m = torch.where(takes, m.roll(1), m)
+        v = torch.where(takes, v.roll(1), v)
+
+        local_parts = torch.split(local, lay.slots)  # per tensor, (L_i,) ascending
+        theta = torch.cat([f.index_select(0, i) for f, i in zip(flats, local_parts, strict=True)])
+        theta = theta.float()  # (L,) θ_U
+        if wd != 0:
+            g_u = torch.where(order >= lay.km, g_u + wd * theta, g_u)  # coupled L2 on S
+
         m.mul_(beta1).add_(g_u, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g_u, g_u, value=1 - beta2)
         bc1 = 1 - beta1**t
         bc2 = 1 - beta2**t
         denom = (v / bc2).sqrt_().add_(group["eps"])
-        new = flat.index_select(0, idx).float().addcdiv_(m, denom, value=-group["lr"] / bc1)
-        new = new.to(p.dtype)  # (L,) rounded once for fp16/bf16
-        # A merged pair occupies slots (i, i+1) with the same index: give both slot i+1's value, so
-        # the indexed write is well defined (duplicate indices carry identical values).
+        new = theta.addcdiv_(m, denom, value=-group["lr"] / bc1)  # (L,) fp32
+        # Both slots of a merged pair get slot i+1's value: the indexed write below is then well
+        # defined although the index occurs twice.
         new = torch.where(merged, new.roll(-1), new)
-        flat.index_put_((idx,), new)
+        for p, f, i, x in zip(params, flats, local_parts, torch.split(new, lay.slots), strict=True):
+            f.index_put_((i,), x.to(p.dtype))  # fp16/bf16: rounded once here
 
-        # M <- top-k of U by |m|; merged duplicates get key -1 and are never selected. A stable
-        # descending sort over index-ordered slots breaks ties towards the lower index.
-        key = torch.where(merged, torch.full_like(m, -1.0), m.abs())
-        order = torch.sort(key, descending=True, stable=True).indices
-        keep = order[:k].sort().values  # (k,) slot positions in ascending index order
-        state["m_idx"] = idx[keep]
-        state["m"] = m[keep]
-        state["v"] = v[keep]
+        # M_i <- top-k_i of U_i by |m|. One stable sort on (tensor, |m| descending): the bit pattern
+        # of a non-negative fp32 orders like its value; merged duplicates sort after every real
+        # entry and are never selected; ties keep slot order, i.e. the lower index first.
+        bits = m.abs().view(torch.int32).long()  # (L,) in [0, 2^31)
+        rank_key = lay.seg_base + torch.where(merged, lay.last_rank, 2**31 - 1 - bits)
+        ranked = torch.sort(rank_key, stable=True).indices
+        keep = ranked.index_select(0, lay.take).sort().values  # (K,) slots, ascending per tensor
+        for st, mi, mm, vv in zip(
+            states,
+            torch.split(local.index_select(0, keep), lay.ks),
+            torch.split(m.index_select(0, keep), lay.ks),
+            torch.split(v.index_select(0, keep), lay.ks),
+            strict=True,
+        ):
+            st["m_idx"], st["m"], st["v"] = mi, mm, vv
 
-        if t % group["refresh_every"] == 0:
-            state["support"] = draw_support(p.numel(), k, self._generator(p.device), p.device)
-            self._new_probe(p)
+    def _layout(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> _Layout:
+        """Index vectors that depend only on the tensors' sizes (cached; rebuilt when they change)."""
+        sizes = tuple((p.numel(), st["m_idx"].numel(), st["support"].numel()) for p, st in zip(
+            params, states, strict=True))
+        device = params[0].device
+        cache_key = (str(device), sizes)
+        lay = self._layouts.get(cache_key)
+        if lay is None:
+            if len(self._layouts) > 32:
+                self._layouts.clear()
+            lay = _Layout(sizes, device)
+            self._layouts[cache_key] = lay
+        return lay
 
     def _dense_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         if p.grad is None:
@@ -359,29 +424,42 @@ class SO(Optimizer):
             p.copy_(p32.addcdiv_(exp_avg, denom, value=-group["lr"] / bc1))
 
 
-def _merge(
-    m_idx: torch.Tensor, m: torch.Tensor, v: torch.Tensor, support: torch.Tensor, g: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Lay out U = M ∪ S on L = |M| + k slots sorted by flat index.
+class _Layout:
+    """Index vectors of a batch of tensors with sizes [(n_i, |M_i|, k_i)]; they depend on sizes only.
 
-    M (m_idx, m, v: (|M|,)) and S (support, g: (k,)) each hold distinct indices, so an index occurs
-    at most twice, and a stable sort puts its M copy right before its S copy. The S copy (slot i+1)
-    takes over the moments of the M copy (slot i); slot i is flagged in ``merged``.
-    Returns idx (L,) int64 ascending, m, v, g (L,) fp32 (new tensors), merged (L,) bool.
+    Slots are U's entries sorted by (tensor, index); tensor i owns L_i = |M_i| + k_i consecutive
+    slots. offset (L,): Σ_{j<i} n_j of each slot's tensor; m_offset (KM,), s_offset (K,): the same
+    for the concatenated M and S entries; seg_base (L,): tensor number · 2^32 (rank-key high bits);
+    take (K,): the first k_i slots of each tensor's range; slots = [L_i], ks = [k_i].
     """
-    km, k = m_idx.numel(), support.numel()
-    zeros_k = g.new_zeros(k)
-    idx, order = torch.sort(torch.cat([m_idx, support]), stable=True)  # (L,)
-    m_u = torch.cat([m, zeros_k])[order]
-    v_u = torch.cat([v, zeros_k])[order]
-    g_u = torch.cat([g.new_zeros(km), g])[order]
-    dup = idx[1:] == idx[:-1]  # (L-1,) slot i and i+1 hold the same index
-    no = torch.zeros(1, dtype=torch.bool, device=idx.device)
-    merged = torch.cat([dup, no])  # slot i: M copy of a pair (ignored)
-    takes = torch.cat([no, dup])  # slot i+1: S copy of a pair (kept)
-    m_u = torch.where(takes, m_u.roll(1), m_u)
-    v_u = torch.where(takes, v_u.roll(1), v_u)
-    return idx, m_u, v_u, g_u, merged
+
+    def __init__(self, sizes: tuple[tuple[int, int, int], ...], device: torch.device) -> None:
+        self.slots = [km + k for _, km, k in sizes]
+        self.ks = [k for _, _, k in sizes]
+        self.km = sum(km for _, km, _ in sizes)
+        offset: list[int] = []
+        m_offset: list[int] = []
+        s_offset: list[int] = []
+        seg_base: list[int] = []
+        take: list[int] = []
+        base = start = 0
+        for i, ((n, km, k), length) in enumerate(zip(sizes, self.slots, strict=True)):
+            offset += [base] * length
+            m_offset += [base] * km
+            s_offset += [base] * k
+            seg_base += [i << 32] * length
+            take += range(start, start + k)
+            base += n
+            start += length
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=device)
+        self.offset, self.m_offset, self.s_offset = as_long(offset), as_long(m_offset), as_long(s_offset)
+        self.seg_base, self.take = as_long(seg_base), as_long(take)
+        self.last_rank = torch.tensor(2**32 - 1, dtype=torch.long, device=device)  # after any |m|
+        self.m_arange = torch.arange(self.km, device=device)
+        self.s_arange = torch.arange(sum(self.ks), device=device)
+        self.zeros_k = torch.zeros(sum(self.ks), dtype=torch.float32, device=device)
+        self.zeros_km = torch.zeros(self.km, dtype=torch.float32, device=device)
+        self.no = torch.zeros(1, dtype=torch.bool, device=device)
 
 
 def _check_hparams(

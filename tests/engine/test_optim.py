@@ -79,6 +79,28 @@ def test_matches_dense_reference(shape, wd) -> None:
         assert torch.equal(so.support(p), support) == (t % 4 != 0)
 
 
+def test_several_tensors_match_reference() -> None:
+    # One optimizer over tensors of different shapes; one of them skips some steps (no gradient),
+    # so tensors at different step counts are batched separately.
+    shapes = [(40, 50), (300,), (7, 3, 5), (64, 64)]
+    ps = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    so = SO(ps, lr=1e-2, density=0.03, refresh_every=3, weight_decay=0.02,
+            generator=torch.Generator().manual_seed(5))
+    refs = [DenseReference(p, so.support(p).numel(), 1e-2, (0.9, 0.999), 1e-8, 0.02) for p in ps]
+    grads = [_grads(s, 25, seed=i) for i, s in enumerate(shapes)]
+    for t in range(25):
+        supports = [so.support(p).clone() for p in ps]
+        for i, p in enumerate(ps):
+            p.grad = None if (i == 1 and t % 4 == 1) else grads[i][t].clone()
+        so.step()
+        for i, p in enumerate(ps):
+            if p.grad is not None:
+                refs[i].step(grads[i][t], supports[i])
+            torch.testing.assert_close(p.detach().reshape(-1), refs[i].theta, rtol=0, atol=1e-6)
+            assert torch.equal(so.state[p]["m_idx"], refs[i].in_m.nonzero().flatten())
+    assert so.state[ps[0]]["step"] == 25 and so.state[ps[1]]["step"] == 19
+
+
 def test_top_k_tie_break_prefers_lower_index() -> None:
     # beta1 = 0 makes m = g: a zero gradient after the first step ties every entry of U at |m| = 0.
     p = torch.nn.Parameter(torch.zeros(100))
