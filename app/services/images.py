@@ -71,8 +71,7 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
     return im
 
 
-def check_image(data: bytes, settings: Settings) -> CheckedImage:
-    """Validate bytes as a complete, supported image within the byte and pixel limits."""
+def _decode(data: bytes, settings: Settings) -> tuple[CheckedImage, Image.Image]:
     if not data:
         raise Rejected("empty file", "empty")
     if len(data) > settings.max_image_bytes:
@@ -84,14 +83,18 @@ def check_image(data: bytes, settings: Settings) -> CheckedImage:
         im.load()  # decodes every byte: truncated or corrupt data fails here
     except Exception as e:
         raise Rejected(f"image data is truncated or corrupt: {e}", "corrupt") from e
-    return CheckedImage(data, hashlib.sha256(data).hexdigest(), str(im.format), im.width, im.height)
+    info = CheckedImage(data, hashlib.sha256(data).hexdigest(), str(im.format), im.width, im.height)
+    return info, im
+
+
+def check_image(data: bytes, settings: Settings) -> CheckedImage:
+    """Validate bytes as a complete, supported image within the byte and pixel limits."""
+    return _decode(data, settings)[0]
 
 
 def decode_rgb(data: bytes, settings: Settings) -> Image.Image:
     """A checked image decoded to RGB (for inference)."""
-    check_image(data, settings)
-    im = _open(data, settings.max_image_pixels)
-    return im.convert("RGB")
+    return _decode(data, settings)[1].convert("RGB")
 
 
 @dataclass
