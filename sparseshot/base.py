@@ -405,7 +405,8 @@ def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 _CACHE: dict[tuple[str, str], BaseModel] = {}
-_CACHE_LOCK = threading.Lock()
+_CACHE_LOCK = threading.Lock()  # guards the two dicts
+_KEY_LOCKS: dict[tuple[str, str], threading.Lock] = {}  # one load at a time per (spec, device)
 
 
 def _default_device() -> torch.device:
@@ -422,8 +423,15 @@ def load_base(
         cached = _CACHE.get(key)
         if cached is not None:
             return cached
+        key_lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with key_lock:  # a slow download of one spec does not block the others
+        with _CACHE_LOCK:
+            cached = _CACHE.get(key)
+        if cached is not None:
+            return cached
         base = _load_uncached(spec, dev, cache_dir)
-        _CACHE[key] = base
+        with _CACHE_LOCK:
+            _CACHE[key] = base
         return base
 
 

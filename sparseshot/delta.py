@@ -34,7 +34,7 @@ import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,20 @@ class _Entry:
     values: torch.Tensor  # sparse: (k,); dense: (n,) — CPU
     indices: torch.Tensor | None  # sparse: (k,) int32/int64 ascending flat indices; dense: None
     nnz: int  # entries that differ from the base
+    # Copies of (indices, values) on an accelerator, so that repeated applies skip the transfer.
+    _device_copies: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(indices, values) on `device`."""
+        if device.type == "cpu":
+            return self.indices, self.values
+        key = str(device)
+        if key not in self._device_copies:
+            idx = None if self.indices is None else self.indices.to(device)
+            self._device_copies[key] = (idx, self.values.to(device))
+        return self._device_copies[key]
 
     @property
     def numel(self) -> int:
@@ -604,21 +618,18 @@ def _validate_entry(e: _Entry) -> None:
 
 def _apply_entry(param: torch.Tensor, e: _Entry) -> tuple[torch.Tensor, Any, torch.Tensor]:
     """Write one entry; returns (flat view, where, original values) for `_restore`."""
-    flat = param.view(-1)  # shares storage (contiguity checked)
+    flat = param.view(-1)  # (n,) shares storage (contiguity checked)
+    idx, vals = e.on(flat.device)
     if e.encoding == "dense":
-        where: Any = slice(None)
-        original = flat.clone()
-        vals = e.values.to(flat.device)
-    else:
-        assert e.indices is not None
-        where = e.indices.to(flat.device, torch.long)
-        original = flat[where]  # advanced indexing copies
-        vals = e.values.to(flat.device)
-    if e.mode == "assign":
-        flat[where] = vals.to(flat.dtype)
-    else:
-        flat[where] = (original.float() + vals.float()).to(flat.dtype)
-    return flat, where, original
+        original = flat.clone()  # (n,)
+        new = vals if e.mode == "assign" else original.float() + vals.float()
+        flat.copy_(new.to(flat.dtype))
+        return flat, None, original
+    assert idx is not None  # (k,) int32/int64: both index directly, no conversion needed
+    original = flat.index_select(0, idx)  # (k,)
+    new = vals if e.mode == "assign" else original.float() + vals.float()
+    flat.index_put_((idx,), new.to(flat.dtype))
+    return flat, idx, original
 
 
 def _apply_lowrank(param: torch.Tensor, lr: _LowRank) -> tuple[torch.Tensor, Any, torch.Tensor]:
@@ -631,9 +642,15 @@ def _apply_lowrank(param: torch.Tensor, lr: _LowRank) -> tuple[torch.Tensor, Any
 
 
 def _restore(originals: list[tuple[torch.Tensor, Any, torch.Tensor]]) -> None:
+    """Write the kept originals back, newest first (entries of one tensor may overlap)."""
     with torch.no_grad():
         for target, where, original in reversed(originals):
-            target[where] = original
+            if where is None:
+                target.copy_(original)
+            elif isinstance(where, torch.Tensor):
+                target.index_put_((where,), original)
+            else:
+                target[where] = original
 
 
 def _fsync_dir(directory: Path) -> None:
