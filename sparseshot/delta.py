@@ -182,27 +182,21 @@ def _make_entry(name: str, base: torch.Tensor, adapted: torch.Tensor, value_dtyp
     if not base.is_floating_point():
         raise DeltaError(f"{name}: only floating-point tensors can be stored in a delta (got {base.dtype})")
     adapted = adapted.detach().to(base.device, base.dtype)
-    mask = _changed_mask(base, adapted)  # (n,)
-    idx = mask.nonzero().reshape(-1).cpu()  # (k,) ascending
+    mask = _changed_mask(base, adapted)  # (n,) on the weights' device
+    idx = mask.nonzero().reshape(-1)  # (k,) ascending
     n, k = mask.numel(), int(idx.numel())
     mode = _value_mode(base.dtype, value_dtype)
-    a_flat = adapted.reshape(-1).cpu()
-    b_flat = base.detach().reshape(-1).cpu()
+    a_flat, b_flat = adapted.reshape(-1), base.detach().reshape(-1)
     idx_dtype = torch.int32 if n < _INT32_LIMIT else torch.int64
     val_size = torch.empty((), dtype=value_dtype).element_size()
     idx_size = torch.empty((), dtype=idx_dtype).element_size()
-    dense = n * val_size <= k * (val_size + idx_size)
-    if dense:
+    shape = tuple(base.shape)
+    if n * val_size <= k * (val_size + idx_size):  # dense is no larger than indices + values
         src = a_flat if mode == "assign" else a_flat.float() - b_flat.float()  # (n,)
-        return _Entry(name, tuple(base.shape), base.dtype, "dense", mode, src.to(value_dtype), None, k)
-    if mode == "assign":
-        vals = a_flat[idx]
-    else:
-        vals = a_flat[idx].float() - b_flat[idx].float()
-    return _Entry(
-        name, tuple(base.shape), base.dtype, "sparse", mode, vals.to(value_dtype).contiguous(),
-        idx.to(idx_dtype), k,
-    )
+        return _Entry(name, shape, base.dtype, "dense", mode, src.to(value_dtype).cpu(), None, k)
+    vals = a_flat[idx] if mode == "assign" else a_flat[idx].float() - b_flat[idx].float()  # (k,)
+    return _Entry(name, shape, base.dtype, "sparse", mode, vals.to(value_dtype).cpu().contiguous(),
+                  idx.to(idx_dtype).cpu(), k)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -217,7 +211,7 @@ def _canonical_digest(header: Mapping[str, str], tensors: Mapping[str, torch.Ten
             digest.update(f"{key}\0{header[key]}\0".encode())
     for name in sorted(tensors):
         t = tensors[name]
-        digest.update(f"{name}\0{_DTYPE_NAMES[t.dtype]}\0{tuple(t.shape)}\0".encode())
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         digest.update(_tensor_bytes(t))
     return digest.hexdigest()
 
