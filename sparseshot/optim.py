@@ -35,6 +35,7 @@ written back.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -42,7 +43,7 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-__all__ = ["SO", "draw_support"]
+__all__ = ["SO", "draw_support", "draw_supports"]
 
 # Below this many entries (or 32·k) a support is drawn from a full permutation: O(n) is then O(k).
 _SMALL_N = 4096
@@ -63,37 +64,94 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def draw_support(n: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """k distinct indices in [0, n), uniform over k-subsets, sorted ascending: (k,) int64 on device.
+    """k distinct indices in [0, n), uniform over k-subsets, sorted ascending: (k,) int64 on device."""
+    return draw_supports([n], [k], generator, device)[0]
 
-    Large n (> max(32·k, 4096)): sequential sampling with rejection, vectorised. Draw k' = 2k+64
-    integers uniformly with replacement and keep the first k distinct values in draw order. Each
-    kept value is uniform over the values not kept before it, so the kept set is uniform over
-    k-subsets (and stays so conditioned on success, by symmetry under relabelling [0, n)). Fewer than
-    k distinct values among k' draws needs more than k+64 collisions, each draw colliding with
-    probability < k'/n; a Chernoff bound puts that below 1e-85 for every k at these n. In that
-    event a still-valid (distinct, sorted) but not exactly uniform set is used instead, selected by
-    torch.where so that no host-device synchronisation is needed. Cost: three sorts of k' values.
 
-    Small n: the first k entries of a random permutation of n, which is O(k + 4096) here.
+def draw_supports(
+    ns: list[int], ks: list[int], generator: torch.Generator, device: torch.device
+) -> list[torch.Tensor]:
+    """One support per tensor: ks[i] distinct indices in [0, ns[i]), uniform over k-subsets, sorted.
+
+    Small n (≤ max(32·k, 4096)): the first k entries of a random permutation of n, O(k + 4096).
+
+    Larger n, all such tensors at once: sequential sampling with rejection, vectorised. For each
+    tensor draw k' = 2k+64 integers r uniform in [0, 2^62); r is valid when r < ⌊2^62/n⌋·n (so
+    r mod n is exactly uniform in [0, n); the others, a fraction < n/2^62, are skipped like repeats).
+    Keep the first k distinct values in draw order: each kept value is uniform over the values not
+    kept before it, so the kept set is uniform over k-subsets (and stays so conditioned on success,
+    by symmetry under relabelling [0, n)). Fewer than k distinct values needs more than k+64
+    collisions, each draw colliding with probability < k'/n; a Chernoff bound puts that below 1e-85
+    for every k at these n. In that event a still-valid (distinct, sorted) but not exactly uniform
+    set is used instead, chosen by torch.where, so no host-device synchronisation is needed.
+    Cost: three sorts over Σk' values; no tensor of size n.
     """
-    if k == 0:
-        return torch.empty(0, dtype=torch.long, device=device)
-    if n <= max(32 * k, _SMALL_N):
-        perm = torch.randperm(n, generator=generator, device=device)
-        return perm[:k].sort().values
-    kk = 2 * k + 64
-    r = torch.randint(0, n, (kk,), generator=generator, device=device)  # (k',) with repeats
-    vals, order = torch.sort(r, stable=True)  # equal values keep draw order
-    first = torch.ones(kk, dtype=torch.bool, device=device)
-    first[1:] = vals[1:] != vals[:-1]  # first occurrence (in draw order) of each value
-    # Draw position of each first occurrence; repeats get a key past the end.
-    key = torch.where(first, order, torch.full_like(order, kk))
-    key_sorted, pos = torch.sort(key)  # (k',) ascending draw positions
-    chosen = vals[pos[:k]].sort().values  # (k,) the first k distinct values, sorted
-    ok = key_sorted[k - 1] < kk  # 0-d bool: at least k distinct values were drawn
+    out: list[torch.Tensor | None] = [None] * len(ns)
+    big: list[int] = []
+    for i, (n, k) in enumerate(zip(ns, ks, strict=True)):
+        if k == 0:
+            out[i] = torch.empty(0, dtype=torch.long, device=device)
+        elif n <= max(32 * k, _SMALL_N):
+            out[i] = torch.randperm(n, generator=generator, device=device)[:k].sort().values
+        else:
+            big.append(i)
+    if big:
+        chosen = _draw_large([ns[i] for i in big], [ks[i] for i in big], generator, device)
+        for i, c in zip(big, torch.split(chosen, [ks[i] for i in big]), strict=True):
+            out[i] = c
+    return [o for o in out if o is not None]
+
+
+def _draw_large(
+    ns: list[int], ks: list[int], generator: torch.Generator, device: torch.device
+) -> torch.Tensor:
+    """The rejection sampler of draw_supports for tensors with n > 32·k: (Σk,) concatenated supports."""
+    lay = _draw_layout(tuple(ns), tuple(ks), str(device))
+    d = lay["n"].numel()  # Σk' draws
+    r = torch.randint(0, 2**62, (d,), generator=generator, device=device)
+    valid = r < lay["limit"]
+    # Key (tensor, value): Σ_{j<i} n_j + r mod n_i; invalid draws get distinct keys past every tensor.
+    key = torch.where(valid, lay["base"] + r % lay["n"], lay["total"] + lay["arange"])
+    sk, draw_pos = torch.sort(key, stable=True)  # equal keys keep draw order
+    first = torch.ones(d, dtype=torch.bool, device=device)
+    first[1:] = sk[1:] != sk[:-1]
+    first &= sk < lay["total"]  # first valid occurrence of each value of each tensor
+    # Per tensor, first occurrences in draw order, then the rest: tensor i fills [start_i, end_i).
+    pkey = torch.where(first, 2 * draw_pos, 2 * lay["end"].index_select(0, draw_pos) - 1)
+    pk, by_pos = torch.sort(pkey)
+    chosen = sk.index_select(0, by_pos.index_select(0, lay["take"])).sort().values  # (K,) keys
+    ok = pk.index_select(0, lay["last"]) % 2 == 0  # (K,) the k-th kept draw is a first occurrence
     # Never-taken fallback: sorted draws in [0, n-k] plus 0..k-1 are distinct and in [0, n).
-    fallback = (r[:k] % (n - k + 1)).sort().values + torch.arange(k, device=device)
-    return torch.where(ok, chosen, fallback)
+    fb = lay["base_k"] + r.index_select(0, lay["take"]) % (lay["n_k"] - lay["k_k"] + 1)
+    fallback = fb.sort().values + lay["rank_k"]
+    return torch.where(ok, chosen, fallback) - lay["base_k"]
+
+
+@functools.lru_cache(maxsize=16)
+def _draw_layout(ns: tuple[int, ...], ks: tuple[int, ...], device: str) -> dict[str, torch.Tensor]:
+    """Per-draw and per-kept-entry vectors of _draw_large; they depend on the sizes only."""
+    per_draw: dict[str, list[int]] = {"n": [], "limit": [], "base": [], "end": []}
+    per_k: dict[str, list[int]] = {"take": [], "last": [], "base_k": [], "n_k": [], "k_k": [], "rank_k": []}
+    base = start = 0
+    for n, k in zip(ns, ks, strict=True):
+        kk = 2 * k + 64
+        per_draw["n"] += [n] * kk
+        per_draw["limit"] += [(2**62 // n) * n] * kk
+        per_draw["base"] += [base] * kk
+        per_draw["end"] += [start + kk] * kk
+        per_k["take"] += range(start, start + k)
+        per_k["last"] += [start + k - 1] * k
+        per_k["base_k"] += [base] * k
+        per_k["n_k"] += [n] * k
+        per_k["k_k"] += [k] * k
+        per_k["rank_k"] += range(k)
+        base += n
+        start += kk
+    lists = {**per_draw, **per_k}
+    lay = {name: torch.tensor(v, dtype=torch.long, device=device) for name, v in lists.items()}
+    lay["arange"] = torch.arange(start, device=device)
+    lay["total"] = torch.tensor(base, dtype=torch.long, device=device)
+    return lay
 
 
 class SO(Optimizer):
@@ -156,6 +214,7 @@ class SO(Optimizer):
                 raise ValueError("SO only optimizes floating-point tensors")
             _flat(p)
             self._init_sparse(p, group)
+        self._redraw(group["params"])
 
     def sparse_params(self) -> list[torch.Tensor]:
         """Parameters handled sparsely (every parameter of the groups without dense=True)."""
@@ -230,7 +289,12 @@ class SO(Optimizer):
         if rng is not None:
             self._base_seed = rng["base_seed"]
             for dev, gstate in rng["states"].items():
-                self._generator(torch.device(dev), create_only=True).set_state(gstate.clone().cpu())
+                user = self._user_gen
+                if user is not None and str(_norm_device(user.device)) == dev:
+                    gen = user
+                else:
+                    gen = self._gens.setdefault(dev, torch.Generator(device=torch.device(dev)))
+                gen.set_state(gstate.clone().cpu())
         for group in self.param_groups:
             if not group["dense"]:
                 for p in group["params"]:
@@ -238,7 +302,7 @@ class SO(Optimizer):
 
     # ----------------------------------------------------------------- internals
 
-    def _generator(self, device: torch.device, create_only: bool = False) -> torch.Generator:
+    def _generator(self, device: torch.device) -> torch.Generator:
         """The generator for supports of tensors on device (created and seeded on first use)."""
         device = _norm_device(device)
         if self._user_gen is not None and _norm_device(self._user_gen.device) == device:
@@ -265,11 +329,23 @@ class SO(Optimizer):
         k = min(n, max(1, int(group["density"] * n)))
         state = self.state[p]
         state["step"] = 0
-        state["support"] = draw_support(n, k, self._generator(p.device), p.device)
+        state["support"] = torch.empty(k, dtype=torch.long, device=p.device)  # drawn by _redraw
         state["m_idx"] = torch.empty(0, dtype=torch.long, device=p.device)
         state["m"] = torch.empty(0, dtype=torch.float32, device=p.device)
         state["v"] = torch.empty(0, dtype=torch.float32, device=p.device)
-        self._new_probe(p)
+
+    def _redraw(self, params: list[torch.Tensor]) -> None:
+        """Draw a new support S (same k) for each tensor, batched per device; new probes."""
+        by_device: dict[str, list[torch.Tensor]] = {}
+        for p in params:
+            by_device.setdefault(str(p.device), []).append(p)
+        for ps in by_device.values():
+            device = ps[0].device
+            ks = [self.state[p]["support"].numel() for p in ps]
+            supports = draw_supports([p.numel() for p in ps], ks, self._generator(device), device)
+            for p, s in zip(ps, supports, strict=True):
+                self.state[p]["support"] = s
+                self._new_probe(p)
 
     def _new_probe(self, p: torch.Tensor) -> None:
         k = self.state[p]["support"].numel()
@@ -305,11 +381,7 @@ class SO(Optimizer):
         for (_, t), items in batches.items():
             self._sparse_batch_step(group, t, [p for p, _ in items], [g for _, g in items])
             if t % group["refresh_every"] == 0:
-                for p, _ in items:
-                    state = self.state[p]
-                    k = state["support"].numel()
-                    state["support"] = draw_support(p.numel(), k, self._generator(p.device), p.device)
-                    self._new_probe(p)
+                self._redraw([p for p, _ in items])
 
     def _sparse_batch_step(
         self, group: dict[str, Any], t: int, params: list[torch.Tensor], grads: list[torch.Tensor]

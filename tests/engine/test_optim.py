@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from sparseshot.optim import SO, draw_support
+from sparseshot.optim import SO, draw_support, draw_supports
 
 
 def _grads(shape: tuple[int, ...], steps: int, seed: int = 1) -> list[torch.Tensor]:
@@ -141,6 +141,22 @@ def test_draw_support_distinct_sorted(n, k) -> None:
         s = draw_support(n, k, gen, torch.device("cpu"))
         assert s.shape == (k,) and s.dtype == torch.long
         assert torch.equal(s, s.unique()) and int(s.min()) >= 0 and int(s.max()) < n
+
+
+def test_draw_supports_batched() -> None:
+    ns, ks = [10, 100_000, 5000, 70_000, 4096], [3, 40, 1, 0, 200]
+    out = draw_supports(ns, ks, torch.Generator().manual_seed(0), torch.device("cpu"))
+    for s, n, k in zip(out, ns, ks, strict=True):
+        assert s.shape == (k,) and torch.equal(s, s.unique())
+        assert k == 0 or (int(s.min()) >= 0 and int(s.max()) < n)
+
+
+def test_draw_support_fallback_is_distinct(monkeypatch) -> None:
+    # Force the (never observed) case of too few distinct draws: every draw is the same value.
+    real = torch.randint
+    monkeypatch.setattr(torch, "randint", lambda low, high, size, **kw: real(0, 1, size, **kw) + 12345)
+    s = draw_support(100_000, 50, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert s.shape == (50,) and torch.equal(s, s.unique()) and int(s.max()) < 100_000
 
 
 def test_draw_support_is_uniform() -> None:
