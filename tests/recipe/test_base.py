@@ -155,3 +155,13 @@ def test_offline_tag_not_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     with pytest.raises(BaseModelError, match="offline") as info:
         load_base("ViT-B-32:openai", device="cpu", cache_dir=str(tmp_path))
     assert "ViT-B-32:openai" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_safetensors_checkpoint_with_config(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    state = {k: v.contiguous() for k, v in _perturbed_state().items()}
+    path = tmp_path / "weights.safetensors"
+    safetensors.torch.save_file(state, path, metadata={"config": json.dumps(_tiny_cfg())})
+    _assert_weights(load_base(str(path), device="cpu").model, state)
+    _assert_weights(load_base(f"{TINY}:{path}", device="cpu").model, state)

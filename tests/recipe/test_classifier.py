@@ -128,3 +128,14 @@ def test_concurrent_classifiers_share_the_base(base: BaseModel) -> None:
         for got in results[i]:
             torch.testing.assert_close(got, expected[i])
     assert weights_fingerprint(base.model) == base.fingerprint
+
+
+def test_text_embeddings_helper(base: BaseModel) -> None:
+    emb = Classifier.encode_texts(base, CLASSES, "a photo of a {}.")
+    assert emb.shape == (5, 32) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
+    torch.testing.assert_close(emb, class_text_embeddings(base.model, base.tokenizer, CLASSES))
+    other = class_text_embeddings(base.model, base.tokenizer, CLASSES, "a drawing of a {}", batch_size=2)
+    assert not torch.allclose(emb, other)
+    with pytest.raises(ValueError, match="template"):
+        class_text_embeddings(base.model, base.tokenizer, CLASSES, "no placeholder")
