@@ -12,24 +12,28 @@ trainable tensor θ with n entries and k = max(1, floor(density·n)):
   θ_U ← θ_U − lr/(1−β1^t) · m_U / (sqrt(v_U/(1−β2^t)) + eps); then M ← the k entries of U with
   the largest |m| (ties: lower flat index first); moments of the other entries are dropped.
 
-Cost per step and tensor: O(k log k) time and O(k) memory (a few sorts over at most 2k slots),
-no dense temporary of θ's size, no host-device synchronisation, and supports are drawn without
-a permutation of all n entries.
+Cost per step and tensor: O(k log k) time and O(k) memory (binary-search merge of M and S, and
+sorts over at most 2k slots), no dense temporary of θ's size, no host-device synchronisation, and
+supports are drawn without a permutation of all n entries. The tensors of a param group are
+processed together (one slot vector for the whole group), so the number of operations per step
+does not grow with the number of tensors except for one gather and one scatter of θ per tensor.
 
 Gradients reach the optimizer in one of two ways:
 - ``so.grad_probe(p)``: a (k,) fp32 leaf tensor; a sparse-gradient backward (sparseshot.sparse_grad)
   writes ∂L/∂θ[S] into ``probe.grad`` without ever forming the dense gradient;
 - otherwise ``p.grad`` (dense), gathered at S (what the reference implementation does).
+The probe wins when both are set.
 
 Per-tensor state (``so.state[p]``) of a sparse tensor:
   'step'    int, steps taken by this tensor;
   'support' (k,) int64, S sorted ascending, on p.device;
   'm_idx'   (0,) before the first step, then (k,) int64 sorted ascending: M;
   'm', 'v'  fp32 moments aligned with 'm_idx'.
-Tensors of a group with ``dense=True`` get plain Adam (coupled weight decay, as torch.optim.Adam)
-with state 'step', 'exp_avg', 'exp_avg_sq' (fp32). Moments are fp32 for every parameter dtype; for
-fp16/bf16 parameters the update is computed in fp32 from the current value and rounded once when
-written back.
+('m_idx', 'm', 'v' may be views into one buffer shared by the group: read them, do not write them.)
+Tensors of a group with ``dense=True`` get plain Adam (coupled weight decay, as torch.optim.Adam,
+bias-corrected once) with state 'step', 'exp_avg', 'exp_avg_sq' (fp32). Moments are fp32 for
+every parameter dtype; for fp16/bf16 parameters the update is computed in fp32 from the current
+value and rounded once when written back.
 """
 
 from __future__ import annotations
