@@ -323,3 +323,27 @@ def test_skips_params_without_grad_and_validates() -> None:
                 dict(betas=(1.0, 0.9)), dict(weight_decay=-0.1)):
         with pytest.raises(ValueError):
             SO([torch.nn.Parameter(torch.randn(10))], **bad)
+
+
+@pytest.mark.parametrize("use_probe", [True, False])
+def test_step_allocates_no_dense_temporary(use_probe) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    p = torch.nn.Parameter(torch.randn(1024, 1024))  # 4 MiB
+    so = SO([p], density=1e-3, refresh_every=2)
+    k = so.support(p).numel()
+    grad = torch.randn(1024, 1024)
+
+    def step() -> None:
+        if use_probe:
+            so.grad_probe(p).grad = torch.randn(k)
+        else:
+            p.grad = grad
+        so.step()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(4):  # two of them redraw S
+            step()
+    largest = max(e.cpu_memory_usage for e in prof.events())
+    assert largest < p.numel() * 4 // 16  # O(k) buffers only (k = 1048 here)
