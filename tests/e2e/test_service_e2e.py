@@ -269,6 +269,25 @@ def test_embedded_defaults_used_by_path_and_cancel(tmp_path: Path, procs: list[P
     metrics = api.http.get("/metrics").text
     assert "sparseshot_queue_depth" in metrics
 
+    # Stopping the server stops its embedded worker too.
+    pid = api.proc.p.pid
+    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    assert children, "no embedded worker process"
+    os.kill(pid, signal.SIGTERM)
+    api.proc.p.wait(30)
+    deadline = time.monotonic() + 20
+    while any(_alive(c) for c in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(c) for c in children)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
 
 @pytest.fixture
 def pg_database() -> Iterator[str]:
