@@ -183,3 +183,21 @@ def test_real_models_served_concurrently_match_sequential(settings):
     with pytest.raises(ModelNotReady):
         inference.classify(model=Row("0" * 64), images=imgs, top_k=1)
     inference.reset()
+
+
+def test_zeroshot_delta_is_stored_and_servable(settings):
+    from PIL import Image
+
+    from app.storage import get_storage
+
+    inference.reset()
+    key, nnz, nbytes, density = inference.create_zeroshot_delta(
+        classes=["cat", "dog"], base_model=None, template="a picture of a {}.")
+    assert get_storage().exists(key) and nbytes > 0 and nnz >= 0 and 0 <= density <= 1
+
+    class Row:
+        id, base_model, delta_key = "zs", settings.base_model, key
+
+    (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5)
+    assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
+    inference.reset()
