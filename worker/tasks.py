@@ -140,7 +140,7 @@ def claim_job(job_id: str, worker: str, settings: Settings | None = None) -> Cla
         return None
     if attempts >= settings.job_max_attempts:
         _finish_unclaimed(job_id, status, attempts, status="failed",
-                          error=f"gave up after {attempts} attempts (worker lost each time)")
+                          error=f"gave up after {attempts} attempts (the worker stopped each time)")
         return None
     with session_scope() as s:
         res = s.execute(
@@ -363,8 +363,6 @@ def _train(claim: Claim, settings: Settings, watcher: Watcher, ckpt: Path) -> tu
             on_progress=_progress_writer(claim, settings), should_stop=watcher.should_stop,
             checkpoint=str(ckpt), **claim.params,
         )
-        key = _store_delta(result.delta, settings)
-        return ("succeeded", None) if _commit_success(claim, result, classes, key) else ("lost", None)
     except sparseshot.Cancelled:
         return ("lost", None) if watcher.lost.is_set() else ("cancelled", None)
     except JobError as e:
@@ -372,6 +370,10 @@ def _train(claim: Claim, settings: Settings, watcher: Watcher, ckpt: Path) -> tu
     except Exception as e:
         log.exception("job %s failed", claim.job_id)
         return "failed", f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
+    # Storage or database errors from here on propagate: the job stays running without a
+    # heartbeat, and the recovery sweep re-runs it rather than failing a finished training.
+    key = _store_delta(result.delta, settings)
+    return ("succeeded", None) if _commit_success(claim, result, classes, key) else ("lost", None)
 
 
 @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -214,3 +214,15 @@ def test_cancel_before_start_and_attempt_limit(settings, fake_lib):
     job = get_job(job_id)
     assert job.status == "failed" and "attempts" in (job.error or "")
     assert fake_lib == []
+
+
+def test_storage_error_after_training_leaves_job_for_recovery(settings, monkeypatch, fake_lib):
+    def broken_store(delta, settings):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tasks, "_store_delta", broken_store)
+    job_id = make_job()
+    with pytest.raises(OSError):
+        tasks.run_job(job_id, worker="w1")
+    job = get_job(job_id)
+    assert job.status == "running" and job.model_id is None  # the sweep re-queues it after the timeout
