@@ -250,13 +250,13 @@ def _prompts(classes: Sequence[str], template: str) -> list[str]:
     return [template.format(c) for c in classes]
 
 
-def _text_features(model: nn.Module, tokens: Tensor) -> Tensor:
+def _text_features(model: Any, tokens: Tensor) -> Tensor:
     """tokens (C, ctx) -> (C, D) L2-normalised text features."""
     return F.normalize(model.encode_text(tokens), dim=-1)
 
 
 @torch.no_grad()
-def _class_embeddings(model: nn.Module, tokens: Tensor) -> Tensor:
+def _class_embeddings(model: Any, tokens: Tensor) -> Tensor:
     return _text_features(model, tokens).float().cpu()
 
 
@@ -349,6 +349,17 @@ def _zeroshot(base: Any, classes: Sequence[str], hp: dict[str, Any]) -> AdaptRes
 
 class _Run:
     """One SO or LoRA training run (state, loop, checkpointing)."""
+
+    model: Any  # the trainable copy of base.model (an open_clip CLIP)
+    handle: Any  # SparseGradHandle of an SO run, else None
+    opt: torch.optim.Optimizer
+    step: int
+    elapsed: float  # training seconds so far (across resumes)
+    epoch_loss: list[float]  # step losses of the current epoch
+    epoch_correct: int
+    epoch_seen: int
+    last_epoch: tuple[float, float] | None  # (mean loss, accuracy) of the last finished epoch
+    stopped_early: bool
 
     def __init__(self, base, images, labels, classes, method, hp, on_progress, should_stop, checkpoint):
         self.base, self.images, self.labels, self.classes = base, images, labels, classes
@@ -570,9 +581,9 @@ class _Run:
     def _restore(self) -> None:
         """Fresh state, or the state of a matching checkpoint."""
         self.step, self.elapsed = 0, 0.0
-        self.epoch_loss: list[float] = []
+        self.epoch_loss = []
         self.epoch_correct = self.epoch_seen = 0
-        self.last_epoch: tuple[float, float] | None = None
+        self.last_epoch = None
         self.stopped_early = False
         state = self._read_checkpoint()
         if state is not None:

@@ -73,7 +73,9 @@ def select_blocks(
     for tower in (("vision", "text") if encoder == "both" else (encoder,)):
         prefix, blocks = _tower_blocks(model, tower)
         n = len(blocks)
-        if positions == "all":
+        if isinstance(positions, str):
+            if positions != "all":
+                raise ValueError(f"positions must be 'all' or block indices, got {positions!r}")
             idx = list(range(n))
         else:
             bad = [i for i in positions if not -n <= i < n]
