@@ -151,48 +151,11 @@ def _tokens_require_grad(model: Any) -> None:
     model.transformer.register_forward_pre_hook(hook)
 
 
-def _add_lora(model: Any) -> tuple[list[Any], str]:
-    """LoRA rank 2 on q, k, v of every block (alpha 1, dropout 0.25): (params, implementation)."""
-    try:
-        from sparseshot.lora import add_lora
-    except ImportError:
-        return _local_lora(model), "benchmarks.train_step._local_lora"
-    return list(add_lora(model, rank=2, alpha=1.0, dropout=0.25)), "sparseshot.lora.add_lora"
-
-
-def _local_lora(model: Any, rank: int = 2, alpha: float = 1.0, dropout: float = 0.25) -> list[Any]:
-    """Minimal CLIP-LoRA: x -> (alpha/r)·B·A·dropout(x) added to q, k and v of every attention."""
-    import torch
-    from torch import nn
-
-    from sparseshot.sparse_grad import PlainAttention
-
-    class LoRA(nn.Module):
-        def __init__(self, dim: int) -> None:
-            super().__init__()
-            self.a = nn.Parameter(torch.empty(rank, dim))  # (r, d_in)
-            self.b = nn.Parameter(torch.zeros(dim, rank))  # (d_out, r)
-            nn.init.kaiming_uniform_(self.a, a=5**0.5)
-            self.drop = nn.Dropout(dropout)
-            self.scale = alpha / rank
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, d) -> (N, L, d)
-            return (self.drop(x) @ self.a.t()) @ self.b.t() * self.scale
-
-    params: list[Any] = []
-    for m in list(model.modules()):
-        if isinstance(m, PlainAttention):
-            for name in ("lora_q", "lora_k", "lora_v"):
-                adapter = LoRA(m.embed_dim)
-                setattr(m, name, adapter)
-                params += list(adapter.parameters())
-    return params
-
-
 def _setup_row(row: str, model: Any) -> tuple[Any, dict[str, Any]]:
     """Prepare `model` for `row`; returns (optimizer or None, info)."""
     import torch
 
+    from sparseshot.lora import add_lora
     from sparseshot.optim import SO
     from sparseshot.sparse_grad import enable_sparse_grads, use_plain_attention
 
@@ -205,7 +168,7 @@ def _setup_row(row: str, model: Any) -> tuple[Any, dict[str, Any]]:
         return None, info
     if row == "lora":
         _freeze(model)
-        params, info["lora_impl"] = _add_lora(model)
+        params = add_lora(model, rank=2, alpha=1.0, dropout=0.25)  # q, k, v of every block
         return torch.optim.AdamW(params, lr=LR), info
     params = _trainable(model)
     info["trainable"] = sum(p.numel() for p in params)

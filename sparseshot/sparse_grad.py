@@ -19,12 +19,14 @@ the projection input x (N, L, d_model) to (N, L, d_model); its output is added t
 that is one of ``so.sparse_params()`` is computed through `SparseLinearFn`, whose backward returns
 the input gradient as usual but, for the weight, only the k entries on the optimizer's current
 support S: entry j at flat index S_j = r·in_features + c gets Σₙ gy[n, r]·x[n, c] (fp32), written to
-``so.grad_probe(W).grad``. No dense dW is ever formed and ``W.grad`` stays ``None``.
+``so.grad_probe(W).grad``. No dense dW is ever formed and ``W.grad`` stays ``None``. Forward keeps
+only the k input columns x[:, c] that backward needs (not the whole input, as a dense dW would), so
+activation memory is that of a forward + backward with frozen weights.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -413,13 +415,3 @@ def enable_sparse_grads(model: nn.Module, optimizer: SupportProvider) -> SparseG
             setattr(module, "forward", _sparse_linear_forward(module, optimizer))  # noqa: B010
             handle.linears.append(module)
     return handle
-
-
-def sparse_weights(model: nn.Module) -> Iterable[tuple[str, Tensor]]:
-    """(name, weight) of every matrix `enable_sparse_grads` can patch: linear and attention in-proj."""
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if isinstance(module, PlainAttention | nn.MultiheadAttention) and module.in_proj_weight is not None:
-            yield prefix + "in_proj_weight", module.in_proj_weight
-        elif isinstance(module, nn.Linear):
-            yield prefix + "weight", module.weight
