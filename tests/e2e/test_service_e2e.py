@@ -324,6 +324,11 @@ def redis_queue() -> Iterator[str]:
     yield queue
     for key in client.scan_iter(f"*{queue}*"):
         client.delete(key)
+    # The killed worker's unacknowledged message (kombu keeps those in one shared hash).
+    for tag, payload in client.hgetall("unacked").items():
+        if queue.encode() in payload:
+            client.hdel("unacked", tag)
+            client.zrem("unacked_index", tag)
     client.close()
 
 
