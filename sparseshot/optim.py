@@ -44,6 +44,7 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
@@ -399,15 +400,11 @@ class SO(Optimizer):
         wd = group["weight_decay"]
 
         # U = M ∪ S of every tensor on L = KM + K slots (KM = Σ|M_i|, K = Σk_i), sorted by the key
-        # (tensor, flat index): key = Σ_{j<i} n_j + index, so tensors never mix.
-        m_key = torch.cat([st["m_idx"] for st in states]) + lay.m_offset  # (KM,) ascending
-        s_key = torch.cat([st["support"] for st in states]) + lay.s_offset  # (K,) ascending
-        # Merge two sorted lists by rank: an M entry goes before an S entry of the same key.
-        m_pos = lay.m_arange + torch.searchsorted(s_key, m_key, right=False)
-        s_pos = lay.s_arange + torch.searchsorted(m_key, s_key, right=True)
-        order = torch.empty_like(lay.offset)  # slot -> position in [M entries, S entries]
-        order.index_put_((m_pos,), lay.m_arange).index_put_((s_pos,), lay.s_arange + lay.km)
-        key = torch.cat([m_key, s_key]).index_select(0, order)  # (L,) ascending
+        # (tensor, flat index): key = Σ_{j<i} n_j + index, so tensors never mix. The stable sort puts
+        # the M copy of an index shared by M and S right before its S copy.
+        m_key = torch.cat([st["m_idx"] for st in states]) + lay.m_offset  # (KM,)
+        s_key = torch.cat([st["support"] for st in states]) + lay.s_offset  # (K,)
+        key, order = torch.sort(torch.cat([m_key, s_key]), stable=True)  # order: into [M..., S...]
         local = key - lay.offset  # flat index within its tensor
         zeros_k = lay.zeros_k
         m = torch.cat([*(st["m"] for st in states), zeros_k]).index_select(0, order)
@@ -432,13 +429,13 @@ class SO(Optimizer):
         v.mul_(beta2).addcmul_(g_u, g_u, value=1 - beta2)
         bc1 = 1 - beta1**t
         bc2 = 1 - beta2**t
-        denom = (v / bc2).sqrt_().add_(group["eps"])
+        denom = _sqrt_(v / bc2).add_(group["eps"])
         new = theta.addcdiv_(m, denom, value=-group["lr"] / bc1)  # (L,) fp32
         # Both slots of a merged pair get slot i+1's value: the indexed write below is then well
         # defined although the index occurs twice.
         new = torch.where(merged, new.roll(-1), new)
         for p, f, i, x in zip(params, flats, local_parts, torch.split(new, lay.slots), strict=True):
-            f.index_put_((i,), x.to(p.dtype))  # fp16/bf16: rounded once here
+            _write_(f, i, x.to(p.dtype))  # fp16/bf16: rounded once here
 
         # M_i <- top-k_i of U_i by |m|. One stable sort on (tensor, |m| descending): the bit pattern
         # of a non-negative fp32 orders like its value; merged duplicates sort after every real
@@ -500,6 +497,29 @@ class SO(Optimizer):
             p.copy_(p32.addcdiv_(exp_avg, denom, value=-group["lr"] / bc1))
 
 
+def _sqrt_(x: torch.Tensor) -> torch.Tensor:
+    """In-place sqrt (correctly rounded either way).
+
+    On CPU, torch's sqrt goes through a vector-math library that may wake worker threads even for
+    a few thousand entries, which on a busy machine costs milliseconds; NumPy's sqrt on the same
+    memory is single-threaded and gives the same IEEE result."""
+    if x.device.type == "cpu" and x.is_contiguous():
+        arr = x.numpy()
+        np.sqrt(arr, out=arr)
+        return x
+    return x.sqrt_()
+
+
+def _write_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+    """dst[idx] = src for 1-D tensors (a repeated index always carries the same value).
+
+    index_copy_ is serial on CPU for small sizes; on CUDA index_put_ has a deterministic mode."""
+    if dst.device.type == "cpu":
+        dst.index_copy_(0, idx, src)
+    else:
+        dst.index_put_((idx,), src)
+
+
 class _Layout:
     """Index vectors of a batch of tensors with sizes [(n_i, |M_i|, k_i)]; they depend on sizes only.
 
@@ -531,8 +551,6 @@ class _Layout:
         self.offset, self.m_offset, self.s_offset = as_long(offset), as_long(m_offset), as_long(s_offset)
         self.seg_base, self.take = as_long(seg_base), as_long(take)
         self.last_rank = torch.tensor(2**32 - 1, dtype=torch.long, device=device)  # after any |m|
-        self.m_arange = torch.arange(self.km, device=device)
-        self.s_arange = torch.arange(sum(self.ks), device=device)
         self.zeros_k = torch.zeros(sum(self.ks), dtype=torch.float32, device=device)
         self.zeros_km = torch.zeros(self.km, dtype=torch.float32, device=device)
         self.no = torch.zeros(1, dtype=torch.bool, device=device)
