@@ -347,3 +347,16 @@ def test_step_allocates_no_dense_temporary(use_probe) -> None:
             step()
     largest = max(e.cpu_memory_usage for e in prof.events())
     assert largest < p.numel() * 4 // 16  # O(k) buffers only (k = 1048 here)
+
+
+def test_mixed_dtypes_in_one_group() -> None:
+    ps = [torch.nn.Parameter(torch.randn(s).to(dt)) for s, dt in
+          (((50, 50), torch.float16), ((60,), torch.bfloat16), ((70,), torch.float32))]
+    so = SO(ps, lr=1e-2, density=0.1, refresh_every=2)
+    for _ in range(5):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        so.step()
+    for p, dt in zip(ps, (torch.float16, torch.bfloat16, torch.float32), strict=True):
+        assert p.dtype == dt and torch.isfinite(p.float()).all()
+        assert so.state[p]["m"].dtype == torch.float32 and so.state[p]["step"] == 5
