@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from celery import Celery
+from celery import Celery, signals
 
 from app.core.config import Settings, get_settings
 
@@ -27,8 +27,14 @@ REDIS_VISIBILITY_TIMEOUT_S = 12 * 3600
 def embedded_broker_url(settings: Settings) -> str:
     """kombu's SQLAlchemy transport on a SQLite file under data_dir: no server, transactional."""
     path = (Path(settings.data_dir) / "broker.db").resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
     return f"sqla+sqlite:///{path.as_posix()}"
+
+
+def ensure_broker_dir(app: Celery) -> None:
+    """Create the folder of an embedded SQLite broker (SQLite creates the file, not its folder)."""
+    url = str(app.conf.broker_url or "")
+    if url.startswith("sqla+sqlite:///"):
+        Path(url[len("sqla+sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
 
 
 def broker_url(settings: Settings) -> str:
@@ -68,3 +74,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
 
 
 app = make_celery()
+
+
+@signals.worker_init.connect
+def _worker_init(sender: object = None, **_: Any) -> None:
+    ensure_broker_dir(getattr(sender, "app", None) or app)

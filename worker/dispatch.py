@@ -16,7 +16,9 @@ log = logging.getLogger(__name__)
 
 
 def _app() -> Celery:
-    return celery_app.app
+    app = celery_app.app
+    celery_app.ensure_broker_dir(app)
+    return app
 
 
 def _queue() -> str:
