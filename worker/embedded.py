@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import uuid
 
 log = logging.getLogger(__name__)
@@ -32,20 +33,45 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedWorker:
-    """`python -m celery ... worker` as a child process, in its own process group."""
+    """`python -m celery ... worker` as a child process in its own process group, restarted if it dies.
 
-    def __init__(self, queue: str, env: dict[str, str] | None = None) -> None:
+    A worker that was killed mid-training is replaced; the replacement's recovery sweep re-queues
+    the job once its heartbeat is stale, and training resumes from its checkpoint.
+    """
+
+    def __init__(self, queue: str, env: dict[str, str] | None = None, check_every_s: float = 1.0) -> None:
         self.queue = queue
         self.env = env
+        self.check_every_s = check_every_s
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
 
-    def start(self) -> EmbeddedWorker:
+    def _spawn(self) -> None:
         cmd = [sys.executable, "-m", "celery", *worker_argv(self.queue)]
         log.info("starting embedded worker: %s", " ".join(cmd))
         preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self.proc = subprocess.Popen(cmd, env=self.env or os.environ.copy(), start_new_session=True,
                                      preexec_fn=preexec)
+
+    def start(self) -> EmbeddedWorker:
+        self._spawn()
+        self._monitor = threading.Thread(target=self._watch, name="embedded-worker", daemon=True)
+        self._monitor.start()
         return self
+
+    def _watch(self) -> None:
+        backoff = self.check_every_s
+        while not self._stopping.wait(backoff):
+            proc = self.proc
+            if proc is None or proc.poll() is None:
+                backoff = self.check_every_s
+                continue
+            log.warning("embedded worker exited with code %s; starting a new one", proc.returncode)
+            self._spawn()
+            self.restarts += 1
+            backoff = min(30.0, backoff * 2)  # a worker that cannot start is not respawned in a loop
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -56,6 +82,9 @@ class EmbeddedWorker:
         A training cut short this way is re-queued by the recovery sweep of the next worker
         and resumes from its checkpoint.
         """
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(timeout=5)
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return

@@ -36,6 +36,9 @@ CLASSES = ["red", "green", "blue"]
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 210)}
 QUICK_PARAMS = {"n_iters": 6, "batch_size": 6}
 LONG_PARAMS = {"n_iters": 100000, "batch_size": 6}
+RECOVERY_ITERS = 200  # x 2 shots = 400 steps, ~10 s on one CPU core
+# A dead worker's job is picked up after a 5 s silent heartbeat (default 60 s), swept every second.
+FAST_RECOVERY = {"SPARSESHOT_JOB_HEARTBEAT_TIMEOUT_S": "5", "SPARSESHOT_RECOVERY_INTERVAL_S": "1"}
 
 
 def _in_ci() -> bool:
@@ -246,8 +249,14 @@ def _wait_running(api: Api, job_id: str, logs: list[Proc], min_step: int = 1) ->
 # ---------------------------------------------------------------- tests
 
 
-def test_embedded_defaults_used_by_path_and_cancel(tmp_path: Path, procs: list[Proc]) -> None:
-    env = _env(tmp_path / "data")
+def _children(pid: int) -> list[int]:
+    """Child processes of `pid`, whichever of its threads started them."""
+    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()]
+
+
+def test_embedded_defaults_used_by_path_cancel_and_recovery(tmp_path: Path, procs: list[Proc]) -> None:
+    env = _env(tmp_path / "data", **FAST_RECOVERY)
     api = _serve(env, tmp_path, procs)
     api.auth(_create_key(env))
     dataset_id = _dataset_with_images(api)
@@ -264,6 +273,15 @@ def test_embedded_defaults_used_by_path_and_cancel(tmp_path: Path, procs: list[P
     assert job["status"] == "cancelled" and time.monotonic() - t0 < 15, job
     assert job["model_id"] is None
 
+    # SIGKILL the embedded worker mid-training: serve starts a new one, whose recovery sweep
+    # re-queues the job (the SQLite transport never redelivers), and training resumes.
+    job = _start_job(api, dataset_id, {**LONG_PARAMS, "n_iters": RECOVERY_ITERS})
+    _wait_running(api, job["id"], procs, min_step=60)
+    (worker_pid,) = _children(api.proc.p.pid)
+    os.killpg(worker_pid, signal.SIGKILL)
+    job = api.wait_job(job["id"], ("succeeded", "failed", "cancelled"), 120, procs)
+    assert job["status"] == "succeeded" and job["attempts"] >= 2, job
+
     ready = api.http.get("/readyz")
     assert ready.status_code == 200, ready.text
     metrics = api.http.get("/metrics").text
@@ -271,8 +289,8 @@ def test_embedded_defaults_used_by_path_and_cancel(tmp_path: Path, procs: list[P
 
     # Stopping the server stops its embedded worker too.
     pid = api.proc.p.pid
-    children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    assert children, "no embedded worker process"
+    children = _children(pid)
+    assert children and worker_pid not in children, "no new embedded worker process"
     os.kill(pid, signal.SIGTERM)
     api.proc.p.wait(30)
     deadline = time.monotonic() + 20
@@ -336,8 +354,7 @@ def test_redis_postgres_workers_and_sigkill_recovery(pg_database: str, redis_que
                                                      procs: list[Proc]) -> None:
     # (procs last: its teardown stops the processes before the database is dropped)
     env = _env(tmp_path / "data", SPARSESHOT_DATABASE_URL=pg_database, SPARSESHOT_BROKER_URL=REDIS_URL,
-               SPARSESHOT_QUEUE_NAME=redis_queue, SPARSESHOT_JOB_HEARTBEAT_TIMEOUT_S="5",
-               SPARSESHOT_RECOVERY_INTERVAL_S="1")
+               SPARSESHOT_QUEUE_NAME=redis_queue, **FAST_RECOVERY)
     _cli(env, "migrate")
     api = _serve(env, tmp_path, procs)  # a broker URL is set: API only, no embedded worker
     first = Proc(["worker"], env, tmp_path / "worker1.log")
@@ -364,5 +381,3 @@ def test_redis_postgres_workers_and_sigkill_recovery(pg_database: str, redis_que
     assert running["attempts"] == 1 and not checkpoint.exists()
     _classify(api, job["model_id"])
 
-
-RECOVERY_ITERS = 200  # x 2 shots = 400 steps, ~10 s on one CPU core
