@@ -72,3 +72,14 @@ def test_unreachable_broker_is_not_ready(settings, monkeypatch):
     _use(monkeypatch, celery_app.make_celery(bad))
     assert dispatch.broker_ready() is False
     assert dispatch.queue_depth() is None
+
+
+def test_worker_main_process_does_not_import_torch():
+    # Pool children are forked from the worker's main process: CUDA must only start in a child.
+    import subprocess
+    import sys
+
+    code = "import sys, worker.tasks, worker.recovery, worker.dispatch; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
