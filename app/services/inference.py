@@ -41,7 +41,8 @@ MAX_BATCH_IMAGES = 64  # images per forward pass
 
 _bases: dict[str, Any] = {}
 _base_errors: dict[str, str] = {}
-_bases_lock = threading.Lock()
+_load_lock = threading.Lock()  # held while a base model loads (seconds)
+_state_lock = threading.Lock()  # quick checks of the dicts above, never held while loading
 _warming: set[str] = set()
 
 
@@ -49,7 +50,10 @@ def get_base(spec: str | None = None) -> Any:
     """The process's BaseModel for `spec` (default: settings.base_model), loaded once."""
     settings = get_settings()
     spec = spec or settings.base_model
-    with _bases_lock:
+    base = _bases.get(spec)
+    if base is not None:
+        return base
+    with _load_lock:
         base = _bases.get(spec)
         if base is None:
             import sparseshot
@@ -60,15 +64,16 @@ def get_base(spec: str | None = None) -> Any:
             except Exception as e:
                 _base_errors[spec] = f"{type(e).__name__}: {e}"
                 raise
-            _bases[spec] = base
-            _base_errors.pop(spec, None)
+            with _state_lock:
+                _bases[spec] = base
+                _base_errors.pop(spec, None)
         return base
 
 
 def warm_up(spec: str | None = None) -> None:
     """Load the base model in a background thread (once at a time per spec)."""
     spec = spec or get_settings().base_model
-    with _bases_lock:
+    with _state_lock:
         if spec in _bases or spec in _warming:
             return
         _warming.add(spec)
@@ -79,16 +84,16 @@ def warm_up(spec: str | None = None) -> None:
         except Exception as e:
             log.error("base model %s could not be loaded: %s", spec, e)
         finally:
-            with _bases_lock:
+            with _state_lock:
                 _warming.discard(spec)
 
     threading.Thread(target=load, name="base-warm-up", daemon=True).start()
 
 
 def base_ready(spec: str | None = None) -> bool:
-    """True once the default (or given) base model is loaded; starts loading it otherwise."""
+    """True once the default (or given) base model is loaded; never blocks (starts loading it)."""
     spec = spec or get_settings().base_model
-    with _bases_lock:
+    with _state_lock:
         if spec in _bases:
             return True
     warm_up(spec)
@@ -296,7 +301,7 @@ def reset() -> None:
     global _cache
     with _cache_lock:
         _cache = None
-    with _bases_lock:
+    with _load_lock, _state_lock:
         _bases.clear()
         _base_errors.clear()
 

@@ -201,3 +201,26 @@ def test_zeroshot_delta_is_stored_and_servable(settings):
     (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
+
+
+def test_base_ready_does_not_block_while_loading(settings, monkeypatch):
+    import sparseshot
+
+    release = threading.Event()
+
+    def slow_load(spec, device=None, cache_dir=None):
+        release.wait(10)
+        return object()
+
+    inference.reset()
+    monkeypatch.setitem(vars(sparseshot), "load_base", slow_load)
+    t0 = time.monotonic()
+    assert inference.base_ready() is False  # starts the background load
+    assert inference.base_ready() is False
+    assert time.monotonic() - t0 < 1
+    release.set()
+    deadline = time.monotonic() + 5
+    while not inference.base_ready() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert inference.base_ready()
+    inference.reset()
