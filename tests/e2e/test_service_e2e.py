@@ -251,8 +251,13 @@ def _wait_running(api: Api, job_id: str, logs: list[Proc], min_step: int = 1) ->
 
 def _children(pid: int) -> list[int]:
     """Child processes of `pid`, whichever of its threads started them."""
-    return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-            for c in (task / "children").read_text().split()]
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except FileNotFoundError:  # the thread ended meanwhile
+            pass
+    return out
 
 
 def test_embedded_defaults_used_by_path_cancel_and_recovery(tmp_path: Path, procs: list[Proc]) -> None:
