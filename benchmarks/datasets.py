@@ -11,8 +11,11 @@ Every generator is deterministic for its seed.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -259,3 +262,138 @@ def digits_task(size: int, *, n_test_per_class: int = 40, seed: int = 0) -> FewS
         [to_pil(i) for i in test_i],
         [int(data.target[i]) for i in test_i],
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Real data: the CoOp / CLIP-LoRA layout
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RealDataset:
+    """Where one dataset lives under the data root and how it is prompted (CoOp's templates)."""
+
+    folder: str  # directory under the data root
+    image_dir: str  # image directory, relative to folder
+    split: str  # split file, relative to folder ("split_zhou_*.json"; special loaders below)
+    template: str
+
+
+REAL_DATASETS: dict[str, RealDataset] = {
+    "imagenet": RealDataset("imagenet", "images", "classnames.txt", "a photo of a {}."),
+    "sun397": RealDataset("sun397", "SUN397", "split_zhou_SUN397.json", "a photo of a {}."),
+    "fgvc_aircraft": RealDataset("fgvc_aircraft", "data/images", "data/variants.txt",
+                                 "a photo of a {}, a type of aircraft."),
+    "eurosat": RealDataset("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}."),
+    "stanford_cars": RealDataset("stanford_cars", "", "split_zhou_StanfordCars.json", "a photo of a {}."),
+    "food101": RealDataset("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food."),
+    "oxford_pets": RealDataset("oxford_pets", "images", "split_zhou_OxfordPets.json",
+                               "a photo of a {}, a type of pet."),
+    "oxford_flowers": RealDataset("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
+                                  "a photo of a {}, a type of flower."),
+    "caltech101": RealDataset("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json",
+                              "a photo of a {}."),
+    "dtd": RealDataset("dtd", "dtd/images", "split_zhou_DescribableTextures.json", "{} texture."),
+    "ucf101": RealDataset("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json",
+                          "a photo of a person doing {}."),
+}
+
+
+class LazyImage:
+    """An image file opened (as RGB) only when used; quacks like the PIL image it loads."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def load(self) -> Image.Image:
+        with Image.open(self.path) as im:
+            return im.convert("RGB")
+
+
+class LazyImages(list):
+    """A list of image paths whose items are loaded on access (keeps big test splits off memory)."""
+
+    def __getitem__(self, i):  # type: ignore[override]
+        item = super().__getitem__(i)
+        if isinstance(i, slice):
+            return [LazyImage(p).load() for p in item]
+        return LazyImage(item).load()
+
+    def __iter__(self):
+        for p in super().__iter__():
+            yield LazyImage(p).load()
+
+
+# (image path, label, class name) triples of each split
+Split = list[tuple[str, int, str]]
+
+
+def _split_zhou(root: Path, spec: RealDataset) -> dict[str, Split]:
+    """CoOp's split_zhou_*.json: {"train"|"val"|"test": [[relative path, label, class name], ...]}."""
+    data = json.loads((root / spec.folder / spec.split).read_text())
+    img_root = root / spec.folder / spec.image_dir
+    return {part: [(str(img_root / p), int(y), str(c)) for p, y, c in data[part]]
+            for part in ("train", "test")}
+
+
+def _aircraft(root: Path, spec: RealDataset) -> dict[str, Split]:
+    """FGVC-Aircraft: data/variants.txt (class names), data/images_variant_{train,test}.txt
+    ("<image id> <variant name>" lines), images in data/images/<id>.jpg."""
+    base = root / spec.folder / "data"
+    classes = [ln.strip() for ln in (base / "variants.txt").read_text().splitlines() if ln.strip()]
+    index = {c: i for i, c in enumerate(classes)}
+    out: dict[str, Split] = {}
+    for part in ("train", "test"):
+        items: Split = []
+        for ln in (base / f"images_variant_{part}.txt").read_text().splitlines():
+            if ln.strip():
+                img, name = ln.strip().split(" ", 1)
+                items.append((str(base / "images" / f"{img}.jpg"), index[name], name))
+        out[part] = items
+    return out
+
+
+def _imagenet(root: Path, spec: RealDataset) -> dict[str, Split]:
+    """ImageNet: classnames.txt ("<wnid> <class name>" lines), images/{train,val}/<wnid>/*; test = val."""
+    base = root / spec.folder
+    lines = (base / "classnames.txt").read_text().splitlines()
+    rows = [ln.strip().split(" ", 1) for ln in lines if ln.strip()]
+    out: dict[str, Split] = {}
+    for part, folder in (("train", "train"), ("test", "val")):
+        items: Split = []
+        for label, (wnid, name) in enumerate(rows):
+            d = base / spec.image_dir / folder / wnid
+            items += [(str(d / f), label, name) for f in sorted(os.listdir(d))]
+        out[part] = items
+    return out
+
+
+def load_real_task(root: Path, name: str) -> FewShotTask:
+    spec = REAL_DATASETS[name]
+    loader = {"imagenet": _imagenet, "fgvc_aircraft": _aircraft}.get(name, _split_zhou)
+    splits = loader(Path(root), spec)
+    n_classes = 1 + max(y for _, y, _ in splits["train"] + splits["test"])
+    classes = [""] * n_classes
+    for _, y, c in splits["train"] + splits["test"]:
+        classes[y] = classes[y] or c.replace("_", " ")
+    train, test = splits["train"], splits["test"]
+    return FewShotTask(
+        name, classes,
+        LazyImages(p for p, _, _ in train), [y for _, y, _ in train],
+        LazyImages(p for p, _, _ in test), [y for _, y, _ in test],
+        template=spec.template,
+    )
+
+
+def load_real_tasks(root: Path, names: list[str] | None = None) -> list[FewShotTask]:
+    """The named datasets (default: every one whose folder exists under root)."""
+    if names:
+        unknown = [n for n in names if n not in REAL_DATASETS]
+        if unknown:
+            raise ValueError(f"unknown datasets {unknown}; known: {', '.join(REAL_DATASETS)}")
+    else:
+        names = [n for n, s in REAL_DATASETS.items() if (Path(root) / s.folder).is_dir()]
+        if not names:
+            raise ValueError(f"no dataset folders under {root} (expected some of "
+                             f"{', '.join(s.folder for s in REAL_DATASETS.values())})")
+    return [load_real_task(Path(root), n) for n in names]

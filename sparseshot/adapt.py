@@ -68,8 +68,8 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "so": {
         "lr": 2e-4,
         "betas": (0.9, 0.999),
-        "density": 5e-5,
-        "refresh_every": 5,
+        "density": 5e-4,
+        "refresh_every": 10,
         "batch_size": 32,
         "n_iters": 2000,
         "early_stop_loss": 0.01,
