@@ -84,7 +84,7 @@ def _png(color: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None) -> str:
+def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None, method: str = "so") -> str:
     storage = get_storage()
     with session_scope() as s:
         tenant = Tenant(name=f"t-{time.monotonic_ns()}")
@@ -99,7 +99,7 @@ def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None) -> s
                 key = storage.put(data)
                 s.add(Image(dataset_id=ds.id, label=label, sha256=key, storage_key=key, filename=f"{i}.png",
                             format="PNG", width=8, height=8, nbytes=len(data)))
-        job = Job(tenant_id=tenant.id, dataset_id=ds.id, method="so", base_model="sparseshot-tiny:random",
+        job = Job(tenant_id=tenant.id, dataset_id=ds.id, method=method, base_model="sparseshot-tiny:random",
                   params=params or {"n_iters": 3})
         s.add(job)
         s.flush()
@@ -226,3 +226,21 @@ def test_storage_error_after_training_leaves_job_for_recovery(settings, monkeypa
         tasks.run_job(job_id, worker="w1")
     job = get_job(job_id)
     assert job.status == "running" and job.model_id is None  # the sweep re-queues it after the timeout
+
+
+@pytest.mark.parametrize("method", ["so", "lora"])
+def test_real_training_produces_a_servable_model(settings, method):
+    from app.services import inference
+
+    job_id = make_job(params={"n_iters": 2, "batch_size": 4}, method=method)
+    assert tasks.run_job(job_id, worker="w1") == "succeeded", get_job(job_id).error
+    job = get_job(job_id)
+    assert job.total_steps == 4 and job.step == 4
+    with session_scope() as s:
+        model = s.get(Model, job.model_id)
+        s.expunge(model)
+    assert model.method == method and model.nbytes > 0
+    inference.reset()
+    (pred,) = inference.classify(model=model, images=[("q.png", PILImage.new("RGB", (8, 8)))], top_k=2)
+    assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
+    inference.reset()
