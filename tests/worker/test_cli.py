@@ -39,7 +39,8 @@ def test_bench_passes_arguments_through(monkeypatch):
     fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "benchmarks.train_step", fake)
     assert cli.main(["bench", "train-step", "--steps", "3", "--help-me"]) == 0
-    assert seen == [["--steps", "3", "--help-me"]]
+    assert cli.main(["--log-level", "DEBUG", "bench", "train-step", "-x"]) == 0
+    assert seen == [["--steps", "3", "--help-me"], ["-x"]]
     assert cli.main(["bench", "nope"]) == 2
 
 
