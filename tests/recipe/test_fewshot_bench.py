@@ -91,6 +91,7 @@ def test_real_data_mode_end_to_end(tmp_path, capsys):
     _check_table(table, ["eurosat", "fgvc_aircraft"], methods, ["1", "2"])
     assert table["published_4shot_average"] == {"so": 78.9, "lora": 75.4, "zeroshot": 65.1}
     assert table["config"]["mode"] == "real" and table["config"]["crop_scale"] is None
+    assert table["config"]["methods"]["so-code"]["density"] == 5e-5  # the nominal densities
     printed = capsys.readouterr().out
     assert "published 4-shot avg" in printed and "78.9" in printed
 
@@ -103,7 +104,7 @@ def test_offline_quick_mode_json_shape(tmp_path):
     table = json.loads(out.read_text())
     _check_table(table, ["shifted_shapes", "digits"], ["zeroshot", "so", "lora"], ["1", "4"])
     cfg = table["config"]
-    assert cfg["mode"] == "quick" and cfg["methods"]["so"]["density"] == 5e-4
+    assert cfg["mode"] == "quick" and cfg["methods"]["so"]["density"] == pytest.approx(5e-4 * 36)
     assert cfg["methods"]["lora"]["n_iters"] == 1
 
 
