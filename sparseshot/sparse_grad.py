@@ -26,7 +26,7 @@ activation memory is that of a forward + backward with frozen weights.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from types import MethodType
 from typing import Any, Protocol
 
 import torch
@@ -157,13 +157,16 @@ def sparse_linear(
 # Plain attention
 # --------------------------------------------------------------------------------------------------
 
-# (x, weight, bias, row_start) -> x·weightᵀ + bias, where weight = in_proj_weight[row_start:...]
-# (row_start None: the whole packed matrix).
-InProj = Callable[[Tensor, Tensor, "Tensor | None", "int | None"], Tensor]
+class _SparseRef:
+    """The optimizer a patched module reads its support from. copy.deepcopy gives None, so a copy of
+    a patched model is an ordinary (dense-gradient) model rather than one feeding the original's
+    probes."""
 
+    def __init__(self, so: SupportProvider) -> None:
+        self.so = so
 
-def _dense_in_proj(x: Tensor, weight: Tensor, bias: Tensor | None, row_start: int | None) -> Tensor:
-    return F.linear(x, weight, bias)
+    def __deepcopy__(self, memo: dict[int, Any]) -> None:
+        return None
 
 
 class PlainAttention(nn.Module):
@@ -199,8 +202,7 @@ class PlainAttention(nn.Module):
         self.register_module("lora_q", None)
         self.register_module("lora_k", None)
         self.register_module("lora_v", None)
-        # Replaced by enable_sparse_grads; not a module, so not in the state dict.
-        self.in_proj_fn: InProj = _dense_in_proj
+        self.sparse_ref: _SparseRef | None = None  # set by enable_sparse_grads
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention) -> PlainAttention:
@@ -222,7 +224,7 @@ class PlainAttention(nn.Module):
         new.register_module("lora_q", None)
         new.register_module("lora_k", None)
         new.register_module("lora_v", None)
-        new.in_proj_fn = _dense_in_proj
+        new.sparse_ref = None
         new.train(mha.training)
         return new
 
@@ -263,12 +265,12 @@ class PlainAttention(nn.Module):
         w, b, e = self.in_proj_weight, self.in_proj_bias, self.embed_dim
         if query is key and key is value:
             # Self-attention: one packed (N, L, 3E) matmul, then views.
-            q, k, v = self.in_proj_fn(query, w, b, None).split(e, dim=-1)
+            q, k, v = self._in_proj(query, w, b, None).split(e, dim=-1)
         else:
             bs = (None, None, None) if b is None else b.split(e)
-            q = self.in_proj_fn(query, w[:e], bs[0], 0)
-            k = self.in_proj_fn(key, w[e:2 * e], bs[1], e)
-            v = self.in_proj_fn(value, w[2 * e:], bs[2], 2 * e)
+            q = self._in_proj(query, w[:e], bs[0], 0)
+            k = self._in_proj(key, w[e:2 * e], bs[1], e)
+            v = self._in_proj(value, w[2 * e:], bs[2], 2 * e)
         if self.lora_q is not None:
             q = q + self.lora_q(query)
         if self.lora_k is not None:
@@ -276,6 +278,14 @@ class PlainAttention(nn.Module):
         if self.lora_v is not None:
             v = v + self.lora_v(value)
         return q, k, v
+
+    def _in_proj(self, x: Tensor, weight: Tensor, bias: Tensor | None, row_start: int | None) -> Tensor:
+        """x·weightᵀ + bias, weight = in_proj_weight's rows from row_start (None: all of it)."""
+        ref = self.sparse_ref
+        if ref is None:
+            return F.linear(x, weight, bias)
+        w = self.in_proj_weight
+        return sparse_linear(x, weight, bias, ref.so.support(w), ref.so.grad_probe(w), row_start)
 
     def extra_repr(self) -> str:
         return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}"
@@ -370,8 +380,9 @@ class SparseGradHandle:
     def remove(self) -> None:
         for lin in self.linears:
             lin.__dict__.pop("forward", None)
+            lin.__dict__.pop("sparse_ref", None)
         for att in self.attentions:
-            att.in_proj_fn = _dense_in_proj
+            att.sparse_ref = None
         self.linears, self.attentions = [], []
 
     def __enter__(self) -> SparseGradHandle:
@@ -381,20 +392,13 @@ class SparseGradHandle:
         self.remove()
 
 
-def _sparse_linear_forward(lin: nn.Linear, so: SupportProvider) -> Callable[[Tensor], Tensor]:
-    def forward(x: Tensor) -> Tensor:
-        w = lin.weight
-        return sparse_linear(x, w, lin.bias, so.support(w), so.grad_probe(w))
-
-    return forward
-
-
-def _sparse_in_proj(att: PlainAttention, so: SupportProvider) -> InProj:
-    def in_proj(x: Tensor, weight: Tensor, bias: Tensor | None, row_start: int | None) -> Tensor:
-        w = att.in_proj_weight
-        return sparse_linear(x, weight, bias, so.support(w), so.grad_probe(w), row_start)
-
-    return in_proj
+def _sparse_linear_forward(self: nn.Linear, x: Tensor) -> Tensor:
+    """Bound to a patched nn.Linear as its `forward` (copy.deepcopy rebinds it to the copy)."""
+    ref = self.__dict__.get("sparse_ref")
+    if ref is None:
+        return F.linear(x, self.weight, self.bias)
+    w = self.weight
+    return sparse_linear(x, w, self.bias, ref.so.support(w), ref.so.grad_probe(w))
 
 
 def enable_sparse_grads(model: nn.Module, optimizer: SupportProvider) -> SparseGradHandle:
@@ -408,10 +412,11 @@ def enable_sparse_grads(model: nn.Module, optimizer: SupportProvider) -> SparseG
     handle = SparseGradHandle()
     for module in model.modules():
         if isinstance(module, PlainAttention) and id(module.in_proj_weight) in sparse:
-            module.in_proj_fn = _sparse_in_proj(module, optimizer)
+            module.sparse_ref = _SparseRef(optimizer)
             handle.attentions.append(module)
         elif isinstance(module, nn.Linear) and id(module.weight) in sparse:
-            # An instance attribute shadows nn.Linear.forward; remove() deletes it.
-            setattr(module, "forward", _sparse_linear_forward(module, optimizer))  # noqa: B010
+            # Instance attributes: the bound method shadows nn.Linear.forward; remove() deletes both.
+            module.__dict__["sparse_ref"] = _SparseRef(optimizer)
+            module.__dict__["forward"] = MethodType(_sparse_linear_forward, module)
             handle.linears.append(module)
     return handle

@@ -278,3 +278,18 @@ def test_so_steps_with_sparse_backward_equal_dense_fallback() -> None:
         torch.testing.assert_close(a, b, atol=5e-5, rtol=0)
         assert (a != a0).sum() > 0  # SO did update every matrix
     handle.remove()
+
+
+def test_deepcopy_of_patched_model_is_a_dense_model() -> None:
+    model = use_plain_attention(tiny_clip())
+    params = trainable_matrices(model)
+    so = make_so(params)
+    enable_sparse_grads(model, so)
+    twin = copy.deepcopy(model)
+    images, text, labels = batch()
+    clip_loss(twin, images, text, labels).backward()
+    assert all(so.grad_probe(p).grad is None for p in params)  # the original's probes are untouched
+    twin_params = [p for p in twin.parameters() if p.requires_grad]
+    assert len(twin_params) == 16 and all(p.grad is not None for p in twin_params)
+    clip_loss(model, images, text, labels).backward()
+    assert all(so.grad_probe(p).grad is not None and p.grad is None for p in params)
