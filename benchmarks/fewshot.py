@@ -5,8 +5,9 @@ Offline mode (default; runs on CPU with nothing downloaded):
 pretrains (or reuses the cached) synthetic CLIP of benchmarks.synthetic_pretrain and evaluates on
 tasks it was not trained on: the shapes world in a shifted style (textured backgrounds, striped
 fills, noise; classes "red circle", ...) and scikit-learn's digits (classes "zero".."nine", never
-seen in pretraining). The tiny model gets fewer steps than the recipes' n_iters (2000 / 500 per
-shot) to fit the CPU budget: --so-iters / --lora-iters per shot, reported in the JSON "config".
+seen in pretraining). The small model runs scaled-down recipes to fit the CPU budget (see OFFLINE:
+fewer steps, SO density scaled to ViT-B/16's entries per matrix, larger learning rates, milder crops);
+every setting used is reported in the JSON "config".
 
 Real-data mode:
     python -m benchmarks.fewshot --data-root DATA --base ViT-B-16:openai [--datasets eurosat,dtd]
