@@ -379,7 +379,8 @@ class _Run:
     def _build(self) -> None:
         """The trainable copy, its optimizer and LR schedule."""
         hp = self.hp
-        self.model = copy.deepcopy(self.base.model)  # the shared base is never touched
+        with self.base.lock:  # a Classifier may have a delta applied to the shared model meanwhile
+            self.model = copy.deepcopy(self.base.model)  # the shared base is never touched
         self.handle = None
         self.amp_dtype: torch.dtype | None = None
         if self.method == "so":
@@ -539,7 +540,8 @@ class _Run:
         meta = _meta(self.base, self.classes, self.method, self.hp)
         emb = _class_embeddings(self.model, self.tokens)  # adapted text encoder (C, D)
         if self.method == "so":
-            delta = SparseDelta.from_models(self.base.model, self.model, names=self.so_names, meta=meta)
+            with self.base.lock:
+                delta = SparseDelta.from_models(self.base.model, self.model, names=self.so_names, meta=meta)
         else:
             delta = self._lora_delta(meta)
         delta.extras[CLASS_EMBEDDINGS] = emb
