@@ -94,7 +94,11 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHES = {"train-step": "benchmarks.train_step", "fewshot": "benchmarks.fewshot"}
+BENCHES = {
+    "train-step": "benchmarks.train_step",
+    "fewshot": "benchmarks.fewshot",
+    "delta-size": "benchmarks.delta_size",
+}
 
 
 def run_bench(argv: Sequence[str]) -> int:
@@ -138,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys)
 
     # Listed for --help; main() hands `bench ...` to the benchmark's own parser.
-    sub.add_parser("bench", help="benchmarks: bench {train-step,fewshot} [options]")
+    sub.add_parser("bench", help="benchmarks: bench {train-step,fewshot,delta-size} [options]")
     return p
 
 
