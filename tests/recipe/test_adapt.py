@@ -294,3 +294,11 @@ def test_missing_weights_error_names_the_file(tmp_path):
     missing = tmp_path / "nope.pt"
     with pytest.raises(sparseshot.BaseModelError, match="nope.pt"):
         sparseshot.load_base(f"sparseshot-tiny:{missing}", device="cpu")
+
+
+def test_package_attribute_stays_callable_after_module_import(base):
+    # `sparseshot.adapt` names the module and the function; both spellings must run adapt().
+    assert callable(sparseshot.adapt)
+    r = sparseshot.adapt(base, [], [], CLASSES, method="zeroshot")
+    assert r.method == "zeroshot"
+    assert adapt_mod.adapt is adapt
