@@ -79,17 +79,45 @@ class MethodSpec:
 # ----------------------------------------------------------------------------------------------
 
 
-def _encode_images(base: Any, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """x (N, 3, S, S) -> (N, D) L2-normalised image features of base.model as it stands."""
+# Test splits up to this many images are preprocessed once and kept as one tensor; larger ones
+# (ImageNet's 50k) are preprocessed batch by batch at every evaluation.
+PRELOAD_MAX_IMAGES = 5000
+
+
+class EvalSplit:
+    """A task's test images and labels, as preprocessed batches (N, 3, S, S) for the base model."""
+
+    def __init__(self, base: Any, task: ds.FewShotTask, batch: int = 256) -> None:
+        self.base, self.images, self.batch = base, task.test_images, batch
+        self.labels = torch.tensor(task.test_labels)
+        self.tensor: torch.Tensor | None = None
+        if len(self.labels) <= PRELOAD_MAX_IMAGES:
+            self.tensor = torch.stack([base.preprocess_eval(im) for im in task.test_images])
+
+    def batches(self):
+        if self.tensor is not None:
+            yield from self.tensor.split(self.batch)
+            return
+        chunk = []
+        for im in self.images:
+            chunk.append(self.base.preprocess_eval(im))
+            if len(chunk) == self.batch:
+                yield torch.stack(chunk)
+                chunk = []
+        if chunk:
+            yield torch.stack(chunk)
+
+
+def _encode_images(base: Any, test: EvalSplit) -> torch.Tensor:
+    """(N, D) L2-normalised image features of the test split under base.model as it stands."""
     out = []
     with torch.no_grad():
-        for s in range(0, len(x), batch):
-            out.append(F.normalize(base.model.encode_image(x[s:s + batch].to(base.device)), dim=-1).float())
+        for x in test.batches():
+            out.append(F.normalize(base.model.encode_image(x.to(base.device)), dim=-1).float().cpu())
     return torch.cat(out)
 
 
-def accuracy(base: Any, result: Any, test_x: torch.Tensor, test_y: torch.Tensor,
-             cache: dict[str, torch.Tensor]) -> float:
+def accuracy(base: Any, result: Any, test: EvalSplit, cache: dict[str, torch.Tensor]) -> float:
     """Top-1 accuracy (%) of an AdaptResult: its delta applied to the base, its class embeddings.
 
     cache["base"] holds the base model's test features (reused when the delta changes no weight).
@@ -99,20 +127,15 @@ def accuracy(base: Any, result: Any, test_x: torch.Tensor, test_y: torch.Tensor,
         with base.lock:
             delta.apply(base.model, fingerprint=base.fingerprint)
             try:
-                feats = _encode_images(base, test_x)
+                feats = _encode_images(base, test)
             finally:
                 delta.revert(base.model)
     else:
         if "base" not in cache:
-            cache["base"] = _encode_images(base, test_x)
+            cache["base"] = _encode_images(base, test)
         feats = cache["base"]
-    pred = (feats @ result.class_embeddings.to(feats.device).t()).argmax(1).cpu()
-    return 100.0 * float((pred == test_y).float().mean())
-
-
-def _test_tensors(base: Any, task: ds.FewShotTask) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.stack([base.preprocess_eval(im) for im in task.test_images])  # (N, 3, S, S)
-    return x, torch.tensor(task.test_labels)
+    pred = (feats @ result.class_embeddings.float().t()).argmax(1)
+    return 100.0 * float((pred == test.labels).float().mean())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +153,7 @@ def run_task(base: Any, task: ds.FewShotTask, specs: Sequence[MethodSpec], shots
              seeds: Sequence[int], log: Callable[[str], None]) -> TaskResults:
     from sparseshot.adapt import adapt
 
-    test_x, test_y = _test_tensors(base, task)
+    test = EvalSplit(base, task)
     cache: dict[str, torch.Tensor] = {}
     out: TaskResults = {s.label: {k: [] for k in shots if s.shots is None or k in s.shots} for s in specs}
     for k in shots:
@@ -145,7 +168,7 @@ def run_task(base: Any, task: ds.FewShotTask, specs: Sequence[MethodSpec], shots
                 r = adapt(base, imgs, labs, task.classes, spec.method, seed=seed, **hp) \
                     if spec.method != "zeroshot" else adapt(base, [], [], task.classes, "zeroshot", **hp)
                 secs = time.perf_counter() - t0
-                acc = accuracy(base, r, test_x, test_y, cache)
+                acc = accuracy(base, r, test, cache)
                 out[spec.label][k].append((acc, secs))
                 log(f"  {task.name:>16} {spec.label:>9} {k:>2}-shot seed {seed}: {acc:5.1f}% "
                     f"({secs:.1f} s, {r.metrics['steps']} steps)")

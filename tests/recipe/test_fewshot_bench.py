@@ -118,3 +118,19 @@ def test_synthetic_world_is_deterministic():
     digits = ds.digits_task(32, n_test_per_class=2)
     assert digits.classes[0] == "zero" and len(digits.test_images) == 20
     assert digits.test_images[0].size == (32, 32)
+
+
+def test_streamed_and_preloaded_test_splits_agree(tmp_path, monkeypatch):
+    import sparseshot
+
+    _fake_tree(tmp_path)
+    task = ds.load_real_task(tmp_path, "eurosat")
+    base = sparseshot.load_base(TINY, device="cpu")
+    r = sparseshot.adapt(base, [], [], task.classes, method="zeroshot")
+    preloaded = fewshot.EvalSplit(base, task, batch=3)
+    assert preloaded.tensor is not None
+    want = fewshot.accuracy(base, r, preloaded, {})
+    monkeypatch.setattr(fewshot, "PRELOAD_MAX_IMAGES", 0)
+    streamed = fewshot.EvalSplit(base, task, batch=3)
+    assert streamed.tensor is None
+    assert fewshot.accuracy(base, r, streamed, {}) == want
