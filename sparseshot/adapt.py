@@ -198,7 +198,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "encoder": _check_encoder,
     "positions": _check_positions,
     "template": _check_template,
-    "seed": lambda v: _check_int("seed", v, 0, 2**63 - 1),
+    "seed": lambda v: _check_int("seed", v, 0, 2**31 - 1),
     "rank": lambda v: _check_int("rank", v, 1, 4096),
     "alpha": lambda v: _check_float("alpha", v, 0.0, 1e6, True),
     "dropout": lambda v: _check_float("dropout", v, 0.0, 1.0, False, True),

@@ -260,6 +260,7 @@ def test_hparam_defaults_follow_the_recipes():
         ("lora", {"rank": 0}, "rank"),
         ("lora", {"template": "no placeholder"}, "template"),
         ("lora", {"seed": -1}, "seed"),
+        ("so", {"seed": 2**40}, "seed"),
     ],
 )
 def test_validate_hparams_rejects(method, params, match):
