@@ -151,7 +151,7 @@ TaskResults = dict[str, dict[int, list[tuple[float, float]]]]
 
 def run_task(base: Any, task: ds.FewShotTask, specs: Sequence[MethodSpec], shots: Sequence[int],
              seeds: Sequence[int], log: Callable[[str], None]) -> TaskResults:
-    from sparseshot.adapt import adapt
+    from sparseshot.recipe import adapt
 
     test = EvalSplit(base, task)
     cache: dict[str, torch.Tensor] = {}

@@ -21,12 +21,12 @@ _EXPORTS = {
     "BaseModel": "sparseshot.base",
     "BaseModelError": "sparseshot.base",
     "load_base": "sparseshot.base",
-    "adapt": "sparseshot.adapt",
-    "AdaptResult": "sparseshot.adapt",
-    "Cancelled": "sparseshot.adapt",
-    "Progress": "sparseshot.adapt",
-    "hparam_defaults": "sparseshot.adapt",
-    "validate_hparams": "sparseshot.adapt",
+    "adapt": "sparseshot.recipe",
+    "AdaptResult": "sparseshot.recipe",
+    "Cancelled": "sparseshot.recipe",
+    "Progress": "sparseshot.recipe",
+    "hparam_defaults": "sparseshot.recipe",
+    "validate_hparams": "sparseshot.recipe",
     "Classifier": "sparseshot.classifier",
 }
 

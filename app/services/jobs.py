@@ -29,7 +29,7 @@ def resolve_base_model(requested: str | None, settings: Settings) -> str:
 
 def validate_params(method: str, params: dict) -> dict:
     """The recipe's hyper-parameters with defaults merged; InvalidInput on unknown keys or bad values."""
-    from sparseshot.adapt import validate_hparams
+    from sparseshot.recipe import validate_hparams
 
     try:
         return validate_hparams(method, params)

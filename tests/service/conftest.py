@@ -11,8 +11,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import sys
-import types
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
@@ -141,36 +139,6 @@ def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     monkeypatch.setattr(worker.dispatch, "broker_ready", lambda: True)
     monkeypatch.setattr(worker.dispatch, "queue_depth", lambda: len(sent))
     return sent
-
-
-@pytest.fixture(autouse=True)
-def _hparams_module() -> Iterator[None]:
-    """Use the recipe's validate_hparams; a minimal stand-in only while that module is absent."""
-    try:
-        import sparseshot.adapt  # noqa: F401
-
-        yield
-        return
-    except ImportError:
-        pass
-    known = {
-        "so": {"lr", "n_iters", "density", "batch_size", "seed"},
-        "lora": {"rank", "lr", "n_iters", "seed"},
-    }
-
-    def validate_hparams(method: str, params: dict) -> dict:
-        unknown = set(params) - known[method]
-        if unknown:
-            raise ValueError(f"unknown parameter(s): {sorted(unknown)}")
-        if "lr" in params and not (isinstance(params["lr"], float) and params["lr"] > 0):
-            raise ValueError("lr must be a positive float")
-        return {"n_iters": 10, **params}
-
-    fake = types.ModuleType("sparseshot.adapt")
-    fake.validate_hparams = validate_hparams  # type: ignore[attr-defined]
-    sys.modules["sparseshot.adapt"] = fake
-    yield
-    sys.modules.pop("sparseshot.adapt", None)
 
 
 @pytest.fixture

@@ -30,10 +30,8 @@ import hashlib
 import json
 import math
 import os
-import sys
 import tempfile
 import time
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -651,15 +649,3 @@ class _Run:
     def _remove_checkpoint(self) -> None:
         if self.checkpoint and os.path.exists(self.checkpoint):
             os.unlink(self.checkpoint)
-
-
-class _CallableModule(types.ModuleType):
-    """`sparseshot.adapt` names both this module and its function: once the module is imported
-    (``from sparseshot.adapt import ...``) the package attribute is the module, so calling it must
-    still run `adapt`."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> AdaptResult:
-        return adapt(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
