@@ -12,7 +12,6 @@ import io
 import logging
 import os
 import socket
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -275,16 +274,8 @@ def checkpoint_path(job_id: str, settings: Settings) -> Path:
 
 
 def _store_delta(delta: Any, settings: Settings) -> str:
-    """Save the delta atomically into content-addressed storage; returns its key."""
-    tmp_dir = Path(settings.data_dir) / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
-    os.close(fd)
-    try:
-        delta.save(tmp)
-        return get_storage().put_file(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    """Save the delta into content-addressed storage (written atomically there); returns its key."""
+    return get_storage().put(delta.to_bytes())
 
 
 def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> bool:

@@ -15,14 +15,11 @@ concurrent requests meet in a batch).
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from app.core.config import get_settings
@@ -219,23 +216,27 @@ class ModelCache:
         with self._lock:
             return len(self._entries)
 
+    def _hit(self, key: tuple[str, str]) -> _Entry | None:
+        """The cached entry, marked most recently used and counted as a hit; None on a miss.
+        Call with self._lock held."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries.move_to_end(key)
+            self.hits += 1
+            _count("MODEL_CACHE_HITS")
+        return entry
+
     def get(self, base_spec: str, delta_key: str) -> _Entry:
         key = (base_spec, delta_key)
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._hit(key)
             if entry is not None:
-                self._entries.move_to_end(key)
-                self.hits += 1
-                _count("MODEL_CACHE_HITS")
                 return entry
             load_lock = self._loading.setdefault(key, threading.Lock())
         with load_lock:  # one load per key, even when many requests miss at once
             with self._lock:
-                entry = self._entries.get(key)
+                entry = self._hit(key)
                 if entry is not None:
-                    self._entries.move_to_end(key)
-                    self.hits += 1
-                    _count("MODEL_CACHE_HITS")
                     return entry
             self.misses += 1
             _count("MODEL_CACHE_MISSES")
@@ -273,14 +274,7 @@ def load_classifier(base_spec: str, delta_key: str) -> Any:
 
     storage = get_storage()
     base = get_base(base_spec)
-    path_of = getattr(storage, "path", None)
-    if path_of is not None:
-        delta = sparseshot.SparseDelta.load(path_of(delta_key))
-    else:  # an object-store backend: go through a temporary file
-        with tempfile.TemporaryDirectory() as d:
-            tmp = Path(d) / "delta.safetensors"
-            tmp.write_bytes(storage.get(delta_key))
-            delta = sparseshot.SparseDelta.load(tmp)
+    delta = sparseshot.SparseDelta.from_bytes(storage.get(delta_key))
     return sparseshot.Classifier(base, delta)
 
 
@@ -346,14 +340,5 @@ def create_zeroshot_delta(*, classes: list[str], base_model: str | None = None,
     hparams = {"template": template} if template else {}
     result = sparseshot.adapt(base, [], [], list(classes), method="zeroshot", **hparams)
     delta = result.delta
-    settings = get_settings()
-    tmp_dir = Path(settings.data_dir) / "tmp"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=tmp_dir, suffix=".safetensors")
-    os.close(fd)
-    try:
-        delta.save(tmp)
-        key = get_storage().put_file(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    key = get_storage().put(delta.to_bytes())  # atomic, content-addressed
     return key, int(delta.nnz), int(delta.nbytes), float(delta.density)

@@ -31,8 +31,8 @@ class FakeDelta:
     nbytes: int = 123
     density: float = 1e-5
 
-    def save(self, path: str) -> None:
-        Path(path).write_bytes(b"delta-" + str(self.nnz).encode())
+    def to_bytes(self) -> bytes:
+        return b"delta-" + str(self.nnz).encode()
 
 
 @dataclass
