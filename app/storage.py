@@ -11,11 +11,12 @@ import hashlib
 import io
 import os
 import re
-import tempfile
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from app.core.config import Settings, get_settings
+from sparseshot.io import atomic_write
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1024 * 1024
@@ -52,21 +53,9 @@ class LocalStorage:
         return self.root / key[:2] / key
 
     def _write_atomic(self, key: str, src: BinaryIO) -> None:
-        dest = self.path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                while chunk := src.read(_CHUNK):
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            # Rewritten even when present: a concurrent delete of the same content cannot
-            # leave a just-uploaded key without its file.
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Rewritten even when present: a concurrent delete of the same content cannot
+        # leave a just-uploaded key without its file.
+        atomic_write(self.path(key), lambda out: shutil.copyfileobj(src, out, _CHUNK))
 
     def put(self, data: bytes) -> str:
         key = hashlib.sha256(data).hexdigest()

@@ -23,7 +23,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks import datasets as ds
+from sparseshot.io import atomic_write
 
 # Model: 32 px images in 8 px patches (16 tokens), 4 layers of width 128 in both towers, 64-d
 # embedding. A little bigger than the bundled sparseshot-tiny (width 64, 2 layers) so that it learns
@@ -153,21 +153,6 @@ def pretrain(settings: dict, *, log=print) -> torch.nn.Module:
     return model.eval()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def ensure_pretrained(settings: dict | None = None, *, cache_dir: Path | None = None, force: bool = False,
                       log=print) -> tuple[str, float]:
     """Pretrain (or reuse the cached) synthetic CLIP; returns (load_base spec, seconds spent now)."""
@@ -180,8 +165,8 @@ def ensure_pretrained(settings: dict | None = None, *, cache_dir: Path | None = 
     model = pretrain(settings, log=log)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # The checkpoint carries its config, so load_base(str(ckpt_path)) works on its own.
-    _atomic_write(ckpt_path, lambda fh: torch.save({"config": MODEL_CONFIG, "state_dict": state}, fh))
-    _atomic_write(cfg_path, lambda fh: fh.write(json.dumps(MODEL_CONFIG, indent=2).encode()))
+    atomic_write(ckpt_path, lambda fh: torch.save({"config": MODEL_CONFIG, "state_dict": state}, fh))
+    atomic_write(cfg_path, lambda fh: fh.write(json.dumps(MODEL_CONFIG, indent=2).encode()))
     seconds = time.time() - t0
     log(f"pretrained synthetic CLIP in {seconds:.0f} s -> {ckpt_path}")
     return base_spec(cfg_path, ckpt_path), seconds

@@ -30,7 +30,6 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 import threading
 import weakref
 from collections.abc import Iterable, Mapping
@@ -42,6 +41,8 @@ from typing import Any
 import safetensors.torch
 import torch
 from torch import nn
+
+from sparseshot.io import atomic_write
 
 FORMAT_NAME = "sparseshot-delta"
 FORMAT_VERSION = 1
@@ -436,20 +437,8 @@ class SparseDelta:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically: temp file in the same directory, fsync, then rename over `path`."""
-        path = Path(path)
         data = self.to_bytes()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda fh: fh.write(data))
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SparseDelta:
@@ -645,16 +634,3 @@ def _restore(originals: list[tuple[torch.Tensor, Any, torch.Tensor]]) -> None:
                 target.index_put_((where,), original)
             else:
                 target[where] = original
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -30,7 +30,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sparseshot.io import atomic_write
 
 __all__ = [
     "AdaptResult",
@@ -632,19 +633,7 @@ class _Run:
             "epoch_seen": self.epoch_seen,
             "last_epoch": list(self.last_epoch) if self.last_epoch else None,
         }
-        directory = os.path.dirname(os.path.abspath(self.checkpoint))
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".adapt-ckpt.")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                torch.save(state, fh)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.checkpoint)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.checkpoint, lambda fh: torch.save(state, fh))
 
     def _remove_checkpoint(self) -> None:
         if self.checkpoint and os.path.exists(self.checkpoint):
