@@ -30,8 +30,6 @@ from PIL import Image
 pytestmark = pytest.mark.slow
 
 BASE_SPEC = "sparseshot-tiny:random"
-PG_SERVER = os.environ.get("SPARSESHOT_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("SPARSESHOT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 CLASSES = ["red", "green", "blue"]
 COLORS = {"red": (220, 20, 20), "green": (20, 200, 30), "blue": (25, 30, 210)}
 QUICK_PARAMS = {"n_iters": 6, "batch_size": 6}
@@ -39,16 +37,6 @@ LONG_PARAMS = {"n_iters": 100000, "batch_size": 6}
 RECOVERY_ITERS = 200  # x 2 shots = 400 steps, ~10 s on one CPU core
 # A dead worker's job is picked up after a 5 s silent heartbeat (default 60 s), swept every second.
 FAST_RECOVERY = {"SPARSESHOT_JOB_HEARTBEAT_TIMEOUT_S": "5", "SPARSESHOT_RECOVERY_INTERVAL_S": "1"}
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
-def _unavailable(what: str, err: Exception) -> None:
-    if _in_ci():
-        pytest.fail(f"{what} is required under CI=true: {err}")
-    pytest.skip(f"{what} not available: {err}")
 
 
 def _free_port() -> int:
@@ -313,37 +301,17 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def pg_database() -> Iterator[str]:
-    from sqlalchemy import text
-
-    from app.db import make_engine
-
-    admin = make_engine(f"{PG_SERVER}/postgres")
-    name = f"sparseshot_e2e_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        admin.dispose()
-        _unavailable("PostgreSQL", e)
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+def pg_database(fresh_pg_database) -> Iterator[str]:
+    with fresh_pg_database("sparseshot_e2e") as url:
+        yield url
 
 
 @pytest.fixture
-def redis_queue() -> Iterator[str]:
+def redis_queue(redis_url: str) -> Iterator[str]:
     import redis
 
     queue = f"sparseshot-e2e-{uuid.uuid4().hex[:8]}"
-    try:
-        client = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-        client.ping()
-    except Exception as e:
-        _unavailable("Redis", e)
+    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
     yield queue
     for key in client.scan_iter(f"*{queue}*"):
         client.delete(key)
@@ -355,10 +323,10 @@ def redis_queue() -> Iterator[str]:
     client.close()
 
 
-def test_redis_postgres_workers_and_sigkill_recovery(pg_database: str, redis_queue: str, tmp_path: Path,
-                                                     procs: list[Proc]) -> None:
+def test_redis_postgres_workers_and_sigkill_recovery(pg_database: str, redis_url: str, redis_queue: str,
+                                                     tmp_path: Path, procs: list[Proc]) -> None:
     # (procs last: its teardown stops the processes before the database is dropped)
-    env = _env(tmp_path / "data", SPARSESHOT_DATABASE_URL=pg_database, SPARSESHOT_BROKER_URL=REDIS_URL,
+    env = _env(tmp_path / "data", SPARSESHOT_DATABASE_URL=pg_database, SPARSESHOT_BROKER_URL=redis_url,
                SPARSESHOT_QUEUE_NAME=redis_queue, **FAST_RECOVERY)
     _cli(env, "migrate")
     api = _serve(env, tmp_path, procs)  # a broker URL is set: API only, no embedded worker

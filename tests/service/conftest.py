@@ -9,12 +9,9 @@ CI=true where they fail.
 from __future__ import annotations
 
 import io
-import os
 import shutil
-import uuid
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,47 +28,21 @@ from app.models import Base
 from app.services import auth
 from migrations import upgrade
 
-PG_SERVER = os.environ.get("SPARSESHOT_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 BASE_SPEC = "sparseshot-tiny:random"
 
 
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").lower() == "true"
-
-
-@contextmanager
-def _fresh_pg_database() -> Iterator[str]:
-    """Create an empty database on the local server; drop it afterwards."""
-    admin = make_engine(f"{PG_SERVER}/postgres")
-    name = f"sparseshot_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as e:
-        admin.dispose()
-        if _in_ci():
-            pytest.fail(f"PostgreSQL is required under CI=true: {e}")
-        pytest.skip(f"PostgreSQL not available: {e}")
-    try:
-        yield f"{PG_SERVER}/{name}"
-    finally:
-        with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
 @pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
+def pg_url(fresh_pg_database) -> Iterator[str]:
     """A migrated, empty PostgreSQL database for this test session."""
-    with _fresh_pg_database() as url:
+    with fresh_pg_database("sparseshot_test") as url:
         upgrade(url)
         yield url
 
 
 @pytest.fixture
-def empty_pg_url() -> Iterator[str]:
+def empty_pg_url(fresh_pg_database) -> Iterator[str]:
     """An empty (unmigrated) PostgreSQL database for one test."""
-    with _fresh_pg_database() as url:
+    with fresh_pg_database("sparseshot_test") as url:
         yield url
 
 
