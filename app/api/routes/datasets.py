@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.schemas import DatasetCreate, DatasetPublic, ImagesAdded
 from app.services import datasets as svc
 
@@ -25,10 +25,9 @@ def create_dataset(
 def list_datasets(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    page: PageDep,
 ) -> list[DatasetPublic]:
-    rows = svc.list_datasets(session=session, tenant=tenant, limit=limit, offset=offset)
+    rows = svc.list_datasets(session=session, tenant=tenant, limit=page.limit, offset=page.offset)
     return [svc.to_public(session=session, dataset=d) for d in rows]
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, Response, status
 
-from fastapi import APIRouter, Query, Response, status
-
-from app.api.deps import SessionDep, SettingsDep, TenantDep
+from app.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
 from app.schemas import JobCreate, JobPublic, JobStatus
 from app.services import jobs as svc
 
@@ -26,11 +24,10 @@ def create_job(
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
+    page: PageDep,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[JobPublic]:
-    rows = svc.list_jobs(session=session, tenant=tenant, status=status, limit=limit, offset=offset)
+    rows = svc.list_jobs(session=session, tenant=tenant, status=status, limit=page.limit, offset=page.offset)
     return [svc.to_public(j) for j in rows]
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from app.api.deps import SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.schemas import ClassifyPublic, ModelPublic, ZeroshotCreate
 from app.services import models as svc
 from app.services.datasets import Upload
@@ -26,12 +26,10 @@ def create_zeroshot(
 def list_models(
     session: SessionDep,
     tenant: TenantDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    page: PageDep,
 ) -> list[ModelPublic]:
-    return [
-        svc.to_public(m) for m in svc.list_models(session=session, tenant=tenant, limit=limit, offset=offset)
-    ]
+    rows = svc.list_models(session=session, tenant=tenant, limit=page.limit, offset=page.offset)
+    return [svc.to_public(m) for m in rows]
 
 
 @router.get("/{model_id}")
