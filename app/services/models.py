@@ -15,7 +15,7 @@ from app.models import Image, Job, Model, Tenant
 from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, ZeroshotCreate
 from app.services import images as imgcheck
 from app.services.datasets import Upload
-from app.services.jobs import resolve_base_model
+from app.services.jobs import resolve_base_model, validate_params
 from app.storage import LocalStorage
 
 
@@ -39,16 +39,16 @@ def create_zeroshot(*, session: Session, settings: Settings, tenant: Tenant, bod
 
     if len(body.classes) > settings.max_classes:
         raise InvalidInput(f"{len(body.classes)} classes, over the limit of {settings.max_classes}")
-    if body.template is not None and "{}" not in body.template:
-        raise InvalidInput("template must contain '{}' where the class name goes")
+    # The recipe's check and default, so the model row records the template actually used.
+    template = validate_params("zeroshot", {"template": body.template} if body.template else {})["template"]
     base_model = resolve_base_model(body.base_model, settings)
     with _serving_errors(None):
         key, nnz, nbytes, density = inference.create_zeroshot_delta(
-            classes=list(body.classes), base_model=base_model, template=body.template
+            classes=list(body.classes), base_model=base_model, template=template
         )
     model = Model(
         tenant_id=tenant.id, classes=list(body.classes), base_model=base_model, method="zeroshot",
-        template=body.template, delta_key=key, nnz=nnz, nbytes=nbytes, density=density, metrics={},
+        template=template, delta_key=key, nnz=nnz, nbytes=nbytes, density=density, metrics={},
     )  # fmt: skip
     session.add(model)
     session.commit()

@@ -71,6 +71,10 @@ def test_zeroshot_input_checks(api, fake_inference) -> None:
     api.problem(post({"classes": ["cat", "dog"], "base_model": "other:model"}), 422)
 
 
+def test_zeroshot_records_the_default_template(api, fake_inference) -> None:
+    assert _zeroshot(api)["template"] == "a photo of a {}."
+
+
 def test_classify_returns_sorted_scores(api, fake_inference) -> None:
     model = _zeroshot(api)
     r = _classify(api, model["id"], api.image((1, 0, 0)), api.image((0, 1, 0), fmt="JPEG"), top_k=2)
