@@ -61,11 +61,37 @@ def get_base(spec: str) -> Any:
         return base
 
 
+# glibc mallopt parameters: M_TRIM_THRESHOLD, M_MMAP_MAX.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep large freed buffers instead of returning them to the OS.
+
+    A training step frees and re-requests the same large activation buffers every step; with
+    glibc's defaults each comes back through mmap and page faults (hundreds of thousands per step
+    on ViT-B-16 on CPU). Same effect as MALLOC_MMAP_MAX_=0 and a high MALLOC_TRIM_THRESHOLD_ in the
+    environment, applied at run time. False where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
 @signals.worker_process_init.connect
 def _init_child(**_: Any) -> None:
-    """In each forked pool process: drop inherited DB connections, warm the default base model."""
+    """In each forked pool process: allocator settings for training, drop inherited DB connections,
+    warm the default base model."""
     from app import db
 
+    keep_freed_memory()
     db.dispose_engines(close=False)
     threading.Thread(target=_warm_base, name="warm-base", daemon=True).start()
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import platform
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -244,3 +247,33 @@ def test_real_training_produces_a_servable_model(settings, method):
     (pred,) = inference.classify(model=model, images=[("q.png", PILImage.new("RGB", (8, 8)))], top_k=2)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
+
+
+
+_MMAP_PROBE = """
+import ctypes, sys
+from worker.tasks import keep_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd  # bytes in mmap'ed blocks
+buf = ctypes.create_string_buffer(64 << 20)
+print("mmap" if libc.mallinfo2().hblkhd - before >= (64 << 20) else "heap")
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc allocator settings")
+def test_training_processes_keep_large_buffers_off_mmap() -> None:
+    # Children, so the test process keeps its allocator defaults; the default run shows the probe works.
+    def where(mode: str) -> str:
+        cmd = [sys.executable, "-c", _MMAP_PROBE, mode]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    assert where("default") == "mmap"
+    assert where("keep") == "heap"
