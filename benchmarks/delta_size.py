@@ -23,8 +23,7 @@ import torch
 
 from sparseshot.base import load_base
 from sparseshot.delta import SparseDelta, weights_fingerprint
-
-TRAINABLE = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+from sparseshot.recipe import trainable_weights
 
 
 def _timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -50,7 +49,7 @@ def _touch(model: torch.nn.Module, names: list[str], fraction: float, seed: int)
 def run(model: str, touched: float, seed: int = 0) -> dict[str, Any]:
     base, load_s = _timed(lambda: load_base(f"{model}:random", device="cpu"))
     m = base.model
-    names = [n for n, _ in m.named_parameters() if n.endswith(TRAINABLE)]
+    names = list(trainable_weights(m))
     total = sum(m.get_parameter(n).numel() for n in names)
     fp, fp_s = _timed(lambda: weights_fingerprint(m))
     adapted = _touch(m, names, touched, seed)

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 ROWS = ("so", "so_ref_style", "adamw", "lora", "bound", "stock")
-TRAINABLE_SUFFIXES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 DENSITY = 5e-5
 REFRESH_EVERY = 5  # T
 LR = 2e-4
@@ -127,13 +126,14 @@ def _build_model(name: str) -> Any:
 
 
 def _trainable(model: Any) -> list[Any]:
-    """Freeze everything but the paper's matrices; return those."""
-    out = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(TRAINABLE_SUFFIXES))
-        if p.requires_grad:
-            out.append(p)
-    return out
+    """Freeze everything but the paper's matrices (the SO recipe's, every block of both towers)."""
+    from sparseshot.recipe import trainable_weights
+
+    _freeze(model)
+    params = list(trainable_weights(model).values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
 
 
 def _freeze(model: Any) -> None:
