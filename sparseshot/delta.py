@@ -499,6 +499,22 @@ class SparseDelta:
             delta.extras[name] = tensors[f"extra.{name}"]
         return delta
 
+    def adapted_tensor(self, name: str, base: torch.Tensor, *, lowrank: bool = True) -> torch.Tensor:
+        """A new tensor: `base` (the base model's parameter `name`) with this delta's entries for
+        `name` written as `apply` writes them (then its low-rank blocks when `lowrank`).
+
+        `base` itself is never written, so this is safe on a shared model (serving preparation).
+        """
+        out = base.detach().clone().contiguous()
+        with torch.no_grad():
+            for e in self.entries:
+                if e.name == name:
+                    _apply_entry(out, e)
+            for lr in self.lowrank if lowrank else ():
+                if lr.name == name:
+                    _apply_lowrank(out, lr)
+        return out
+
     # ---- checking and applying ------------------------------------------------------------------
 
     def check(self, model: ModelOrState, *, fingerprint: str | None = None) -> None:
