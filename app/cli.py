@@ -37,13 +37,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, start the embedded worker (no broker URL), then run uvicorn until stopped."""
     import uvicorn
 
-    from app.services import inference
+    from app.services import bases
     from worker.embedded import EmbeddedWorker
 
     settings = _settings()
     if not args.no_migrate:
         cmd_migrate(args)
-    inference.warm_up()  # load the base model in the background while the server starts
+    bases.warm_up()  # load the base model in the background while the server starts
     embedded = None
     if not settings.broker_url and not args.no_worker:
         embedded = EmbeddedWorker(settings.queue_name).start()

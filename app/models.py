@@ -126,6 +126,7 @@ class Model(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     # The job that produced it (no foreign key: jobs.model_id already points here).
     job_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)  # the client's label, if any
     status: Mapped[str] = mapped_column(String(16), default="ready")
     classes: Mapped[list[str]] = mapped_column()
     base_model: Mapped[str] = mapped_column(String(200))

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -95,6 +96,7 @@ class ZeroshotCreate(Strict):
     template: str | None = Field(
         default=None, max_length=500, description="Prompt with '{}' for the class name."
     )
+    name: ModelName | None = None
 
     _check_unique = field_validator("classes")(_unique)
 
@@ -107,6 +109,7 @@ class DeltaInfo(BaseModel):
 
 class ModelPublic(BaseModel):
     id: str
+    name: str | None = None
     status: str
     classes: list[str]
     base_model: str

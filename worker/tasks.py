@@ -24,7 +24,9 @@ from sqlalchemy import select, update
 
 from app.core.config import Settings, get_settings
 from app.db import session_scope
-from app.models import Dataset, Image, Job, Model
+from app.models import Dataset, Image, Job
+from app.services import bases
+from app.services import models as model_service
 from app.storage import get_storage
 from worker.celery_app import TRAIN_TASK, app
 
@@ -43,22 +45,10 @@ def worker_id() -> str:
 
 # ---------------------------------------------------------------- base models, once per process
 
-_bases: dict[str, Any] = {}
-_bases_lock = threading.Lock()
-
 
 def get_base(spec: str) -> Any:
-    """sparseshot.load_base(spec), loaded once per worker process (thread-safe)."""
-    with _bases_lock:
-        base = _bases.get(spec)
-        if base is None:
-            import sparseshot
-
-            settings = get_settings()
-            base = sparseshot.load_base(spec, device=settings.device or None,
-                                        cache_dir=settings.model_download_dir)
-            _bases[spec] = base
-        return base
+    """The process's base model for `spec`, from the one registry (app.services.bases)."""
+    return bases.get_base(spec)
 
 
 # glibc mallopt parameters: M_TRIM_THRESHOLD, M_MMAP_MAX.
@@ -301,21 +291,19 @@ def checkpoint_path(job_id: str, settings: Settings) -> Path:
 
 def _store_delta(delta: Any, settings: Settings) -> str:
     """Save the delta into content-addressed storage (written atomically there); returns its key."""
-    return get_storage().put(delta.to_bytes())
+    return model_service.store_delta(storage=get_storage(), delta=delta)
 
 
 def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> bool:
     """Model row + job succeeded in ONE transaction; False (nothing written) if not ours anymore."""
     delta = result.delta
-    meta = getattr(delta, "meta", {}) or {}
-    template = meta.get("template") or claim.params.get("template")
+    delta.meta.setdefault("classes", classes)
+    if not delta.meta.get("template") and claim.params.get("template"):
+        delta.meta["template"] = claim.params["template"]
     with session_scope() as s:
-        model = Model(tenant_id=claim.tenant_id, job_id=claim.job_id, classes=classes,
-                      base_model=claim.base_model, method=claim.method, template=template,
-                      delta_key=key, nnz=int(delta.nnz), nbytes=int(delta.nbytes),
-                      density=float(delta.density), metrics=_jsonable(result.metrics))
-        s.add(model)
-        s.flush()
+        model = model_service.add_model(session=s, tenant_id=claim.tenant_id, delta=delta, key=key,
+                                        base_model=claim.base_model, method=claim.method,
+                                        job_id=claim.job_id, metrics=_jsonable(result.metrics))
         values: dict[str, Any] = dict(status="succeeded", model_id=model.id, finished_at=utcnow(),
                                       heartbeat_at=utcnow(), eta_seconds=0.0)
         metrics = result.metrics or {}
