@@ -98,6 +98,7 @@ BENCHES = {
     "train-step": "benchmarks.train_step",
     "fewshot": "benchmarks.fewshot",
     "delta-size": "benchmarks.delta_size",
+    "serving": "benchmarks.serving",
 }
 
 
@@ -142,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys)
 
     # Listed for --help; main() hands `bench ...` to the benchmark's own parser.
-    sub.add_parser("bench", help="benchmarks: bench {train-step,fewshot,delta-size} [options]")
+    sub.add_parser("bench", help="benchmarks: bench {train-step,fewshot,delta-size,serving} [options]")
     return p
 
 

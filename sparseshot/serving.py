@@ -143,7 +143,11 @@ def _csr_of(diff: Tensor) -> tuple[Tensor | None, int]:
         return None, 0
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
         warnings.simplefilter("ignore", UserWarning)
-        return diff.to_sparse_csr(), nnz
+        csr = diff.to_sparse_csr()
+        if diff.numel() < 2**31:  # int32 indices: 8 bytes per nonzero instead of 12, same speed
+            crow, col = csr.crow_indices().int(), csr.col_indices().int()
+            csr = torch.sparse_csr_tensor(crow, col, csr.values(), diff.shape)
+        return csr, nnz
 
 
 def _linear_delta(delta: SparseDelta, name: str, w: Tensor, with_entries: bool) -> LinearDelta:
