@@ -96,18 +96,14 @@ def synth_delta(base: Any, names: Sequence[str], density: float, seed: int) -> b
 
     g = torch.Generator().manual_seed(seed)
     state = base.model.state_dict()
-    before = {n: state[n] for n in names}
-    after = {}
-    for n in names:
-        w = state[n].detach().clone()
-        flat = w.view(-1)  # (numel,)
-        k = max(1, round(density * flat.numel()))
-        idx = torch.randint(0, flat.numel(), (k,), generator=g).unique()  # ~k distinct entries
-        flat[idx] += 0.01 * torch.randn(idx.numel(), generator=g)
-        after[n] = w
     meta = {"base_model": base.spec, "base_fingerprint": base.fingerprint, "classes": CLASSES,
             "template": "a photo of a {}.", "method": "so"}
-    delta = SparseDelta.from_models(before, after, names=list(names), meta=meta)
+    delta = SparseDelta(meta)
+    for n in names:
+        flat = state[n].detach().reshape(-1)  # (numel,)
+        k = max(1, round(density * flat.numel()))
+        idx = torch.randint(0, flat.numel(), (k,), generator=g).unique()  # ~k distinct entries, ascending
+        delta.add_sparse(n, state[n], idx, flat[idx] + 0.01 * torch.randn(idx.numel(), generator=g))
     dim = base.model.visual.output_dim
     delta.extras["class_embeddings"] = F.normalize(torch.randn(len(CLASSES), dim, generator=g), dim=-1)
     return delta.to_bytes()

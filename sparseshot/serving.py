@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseshot import kernels
 from sparseshot.base import BaseModel
 from sparseshot.classifier import DEFAULT_TEMPLATE, Classifier
 from sparseshot.delta import DeltaError, SparseDelta
@@ -94,8 +95,11 @@ class LinearDelta:
     def correct(self, x: Tensor, y: Tensor) -> None:
         """y += x Δᵀ in place; x (n, in), y (n, out), both views of this model's rows."""
         x32 = x.float()
-        if self.csr is not None:
-            y += torch.sparse.mm(self.csr, x32.t().contiguous()).t().to(y.dtype)  # (n, out)
+        csr = self.csr
+        if csr is not None and _use_kernel(csr, y):
+            kernels.csr_add(y, x32, csr.crow_indices(), csr.col_indices(), csr.values())
+        elif csr is not None:
+            y += torch.sparse.mm(csr, x32.t().contiguous()).t().to(y.dtype)  # (n, out)
         for row_start, b, a, scale in self.lowrank:
             rows = slice(row_start, row_start + b.shape[0])
             y[:, rows] += (scale * (x32 @ a.t()) @ b.t()).to(y.dtype)  # (n, rows)
@@ -132,6 +136,12 @@ class PreparedDelta:
         return bool(self.linears or self.overrides)
 
 
+def _use_kernel(csr: Tensor, y: Tensor) -> bool:
+    """The compiled CPU kernel fits: fp32 output on CPU with unit column stride, int32 indices."""
+    return (y.device.type == "cpu" and y.dtype == torch.float32 and y.stride(1) == 1
+            and csr.col_indices().dtype == torch.int32 and kernels.available())
+
+
 def _is_linear(name: str) -> bool:
     return name.startswith(VISION_PREFIX + "transformer.resblocks.") and name.endswith(LINEAR_SUFFIXES)
 
@@ -150,10 +160,39 @@ def _csr_of(diff: Tensor) -> tuple[Tensor | None, int]:
         return csr, nnz
 
 
+def _sparse_csr(delta: SparseDelta, name: str, w: Tensor) -> tuple[Tensor | None, int] | None:
+    """CSR of Δ straight from one sparse entry (no dense copy); None when the entries of `name` are
+    not a single sparse entry with distinct indices (then the dense difference is taken)."""
+    entries = [e for e in delta.entries if e.name == name]
+    if len(entries) != 1 or entries[0].encoding != "sparse" or entries[0].indices is None:
+        return None
+    e = entries[0]
+    idx, order = e.indices.long().sort()  # (k,) flat indices, row-major
+    if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
+        return None  # repeated indices: `apply` semantics need the sequential writes
+    flat = w.detach().reshape(-1).cpu()
+    orig = flat[idx]
+    vals = e.values[order]
+    new = vals.to(w.dtype) if e.mode == "assign" else (orig.float() + vals.float()).to(w.dtype)
+    diff = new.float() - orig.float()  # (k,) Δ values, as `apply` would change the weight
+    out, cols = w.shape
+    rows = torch.div(idx, cols, rounding_mode="floor")
+    crow = torch.zeros(out + 1, dtype=torch.int64)
+    crow[1:] = torch.bincount(rows, minlength=out).cumsum(0)
+    kind = torch.int32 if w.numel() < 2**31 else torch.int64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        csr = torch.sparse_csr_tensor(crow.to(kind), (idx - rows * cols).to(kind), diff, (out, cols))
+    return (csr.to(w.device), int(idx.numel())) if idx.numel() else (None, 0)
+
+
 def _linear_delta(delta: SparseDelta, name: str, w: Tensor, with_entries: bool) -> LinearDelta:
     """Δ of weight `name` (base value w): entries as CSR (adapted − base, fp32), low-rank as factors."""
     csr, nnz = None, 0
-    if with_entries:
+    fast = _sparse_csr(delta, name, w) if with_entries else None
+    if fast is not None:
+        csr, nnz = fast
+    elif with_entries:
         diff = delta.adapted_tensor(name, w, lowrank=False).float() - w.float()  # (out, in)
         csr, nnz = _csr_of(diff.cpu())
         csr = None if csr is None else csr.to(w.device)

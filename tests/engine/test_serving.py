@@ -119,6 +119,25 @@ def test_dense_fallback_without_cache_room_uses_the_sparse_path(base: BaseModel)
     torch.testing.assert_close(without, _reference(base, delta, pixels), atol=2e-5, rtol=1e-4)
 
 
+def test_compiled_kernel_and_torch_sparse_agree(base: BaseModel, monkeypatch) -> None:
+    from sparseshot import kernels
+
+    p = prepare(base, _so_delta(base, 9, fraction=0.02))
+    pixels = _pixels(base, 5, seed=3)
+    engine = ServingEngine(base)
+    with_kernel = engine.image_features(pixels, [(p, 2), (None, 1), (p, 2)])
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    torch.testing.assert_close(engine.image_features(pixels, [(p, 2), (None, 1), (p, 2)]), with_kernel)
+    y, x = torch.zeros(2000, 40), torch.randn(2000, 64)
+    d = torch.zeros(40, 64)
+    d.view(-1)[torch.randperm(d.numel())[:200]] = torch.randn(200)
+    c = d.to_sparse_csr()
+    monkeypatch.undo()
+    if kernels.available():  # large enough for the two-thread split
+        kernels.csr_add(y, x, c.crow_indices().int(), c.col_indices().int(), c.values())
+        torch.testing.assert_close(y, x @ d.T, atol=1e-4, rtol=1e-4)
+
+
 def test_concurrent_forwards_do_not_interfere(base: BaseModel) -> None:
     engine = ServingEngine(base)
     models = [prepare(base, _so_delta(base, 10 + i)) for i in range(3)]
