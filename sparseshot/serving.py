@@ -167,6 +167,7 @@ def _sparse_csr(delta: SparseDelta, name: str, w: Tensor) -> tuple[Tensor | None
     if len(entries) != 1 or entries[0].encoding != "sparse" or entries[0].indices is None:
         return None
     e = entries[0]
+    assert e.indices is not None
     idx, order = e.indices.long().sort()  # (k,) flat indices, row-major
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         return None  # repeated indices: `apply` semantics need the sequential writes
