@@ -64,6 +64,7 @@ class Config:
     towers: str = "vision"
     modes: tuple[str, ...] = ("library", "http")
     http_rows: tuple[str, ...] = ("base", "one", "many", "cold")
+    http_images: tuple[int, ...] = (1,)
     row_timeout_s: float = 300.0
     seed: int = 0
 
@@ -298,14 +299,15 @@ def run_mode(mode: str, cfg: Config, models: Models, send: Send, rss: Callable[[
              set_budget: Callable[[int], None] | None) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     wanted = cfg.http_rows if mode == "http" else ("base", "one", "many", "zipf", "cold")
-    for per_req in cfg.images:
+    warmed: set[str] = set()
+    for per_req in cfg.http_images if mode == "http" else cfg.images:
         load = _Load(cfg, send, rss, [_png(cfg.seed + i, 224) for i in range(per_req)])
         n = max(cfg.concurrency * 2, cfg.requests // per_req)
         send(models.base, load.blobs)  # warm
         if "base" in wanted:
             rows[f"{mode}/base/x{per_req}"] = load.measure(lambda i: models.base, n)
         for d in cfg.densities:
-            rows.update(_density_rows(mode, wanted, load, models, d, n, set_budget))
+            rows.update(_density_rows(mode, wanted, load, models, d, n, set_budget, warmed))
         zd = cfg.zipf_density or cfg.densities[0]
         if "zipf" in wanted and models.zipf and set_budget is not None:
             set_budget(int(cfg.zipf_cache_models * models.prepared_mb[zd] * MB))
@@ -313,18 +315,21 @@ def run_mode(mode: str, cfg: Config, models: Models, send: Send, rss: Callable[[
             warm, timed = [models.zipf[j] for j in draws[:n]], [models.zipf[j] for j in draws[n:]]
             load.measure(warm.__getitem__, len(warm))  # warm-up: the cache reaches its steady state
             rows[f"{mode}/zipf/{zd:g}/x{per_req}"] = load.measure(timed.__getitem__, len(timed))
+            warmed.clear()  # the small zipf cache evicted them
     return rows
 
 
 def _density_rows(mode: str, wanted: Sequence[str], load: _Load, models: Models, d: float, n: int,
-                  set_budget: Callable[[int], None] | None) -> dict[str, Row]:
+                  set_budget: Callable[[int], None] | None, warmed: set[str]) -> dict[str, Row]:
     """The one, many and cold rows at one density."""
     cfg, rows = load.cfg, {}
     ids, tag, per_req = models.by_density[d], f"{d:g}", len(load.blobs)
-    if set_budget is not None:
-        set_budget(int((cfg.many + 10) * models.prepared_mb[d] * MB))
+    if set_budget is not None:  # every density's `many` models fit at once
+        set_budget(int((cfg.many + 10) * sum(models.prepared_mb.values()) * MB))
     for m in ids[: cfg.many]:
-        load.send(m, load.blobs[:1])  # warm every model of the row
+        if m not in warmed:  # warm every model of the row once
+            load.send(m, load.blobs[:1])
+            warmed.add(m)
     if "one" in wanted:
         rows[f"{mode}/one/{tag}/x{per_req}"] = load.measure(lambda i: ids[0], n)
     if "many" in wanted:
@@ -491,7 +496,7 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
         service.reset()
         if "http" in cfg.modes:
             models.cold = cold_all  # a fresh process: every one of them is cold there
-            budget = int((cfg.many + 10) * max(models.prepared_mb.values()) * MB)
+            budget = int((cfg.many + 10) * sum(models.prepared_mb.values()) * MB)
             server = HttpServer(service, cfg, budget)
             try:
                 data = synth_delta(base, names, cfg.densities[0], 10**9)
@@ -553,6 +558,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--towers", default=d.towers, choices=["vision", "both"])
     ap.add_argument("--modes", default="library,http")
     ap.add_argument("--http-rows", default=",".join(d.http_rows))
+    ap.add_argument("--http-images", default="1", help="images per request in HTTP mode")
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args(argv)
     cfg = Config(model=a.model, threads=a.threads, concurrency=a.concurrency,
@@ -560,7 +566,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  many=a.many, zipf_models=a.zipf_models, zipf_cache_models=a.zipf_cache_models,
                  zipf_density=a.zipf_density,
                  cold_models=a.cold_models, requests=a.requests, towers=a.towers,
-                 modes=tuple(a.modes.split(",")), http_rows=tuple(a.http_rows.split(",")))
+                 modes=tuple(a.modes.split(",")), http_rows=tuple(a.http_rows.split(",")),
+                 http_images=tuple(int(x) for x in _floats(a.http_images)))
     result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     print_table(result)
     if a.json:

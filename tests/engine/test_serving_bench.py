@@ -25,7 +25,8 @@ def test_serving_bench_quick(tmp_path, capsys) -> None:
     out = tmp_path / "serving.json"
     argv = ["--model", "sparseshot-tiny:random", "--concurrency", "2", "--images", "1,2",
             "--densities", "0.05", "--many", "3", "--zipf-models", "5", "--zipf-cache-models", "2",
-            "--cold-models", "1", "--requests", "6", "--http-rows", "base,one,cold", "--json", str(out)]
+            "--cold-models", "1", "--requests", "6", "--http-rows", "base,one,cold", "--http-images", "1,2",
+            "--json", str(out)]
     assert serving.main(argv) == 0
     r = json.loads(out.read_text())
     for mode, names in (("library", ["base", "one/0.05", "many/0.05", "zipf/0.05", "cold/0.05"]),
