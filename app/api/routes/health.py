@@ -40,11 +40,19 @@ def _base_ready() -> bool:
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
+    """Liveness.
+
+    `{"status": "ok"}` while the process answers.
+    """
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request) -> JSONResponse:
+    """Readiness.
+
+    200 when the database, the broker and the base model are usable, else 503 with each check.
+    """
     checks = {
         "database": db.ping(request.app.state.engine),
         "broker": _broker_ready(),
