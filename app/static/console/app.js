@@ -19,8 +19,13 @@ function h(tag, attrs, ...children) {
     else if (k === "class") el.className = v;
     else el.setAttribute(k, v === true ? "" : v);
   }
-  for (const c of children.flat()) if (c !== null && c !== undefined) el.append(c instanceof Node ? c : String(c));
+  for (const c of children.flat(Infinity)) if (c !== null && c !== undefined && c !== "") el.append(c instanceof Node ? c : String(c));
   return el;
+}
+
+function fill(el, ...children) {
+  // Replace el's children; arrays are flattened and null/undefined/"" skipped (like h()).
+  el.replaceChildren(...children.flat(Infinity).filter((c) => c !== null && c !== undefined && c !== ""));
 }
 
 function apiKey() { return localStorage.getItem(KEY_STORE) || ""; }
@@ -54,7 +59,7 @@ async function api(method, path, { json, form, raw } = {}) {
 function showError(err) {
   // A problem+json (or network) error, shown with its title, status, detail and listed items.
   const box = document.getElementById("error");
-  box.replaceChildren();
+  fill(box);
   if (err instanceof ApiError) {
     const p = err.problem;
     box.append(h("b", {}, `${p.title || "Error"} (${err.status})`), p.detail || "");
@@ -68,7 +73,7 @@ function showError(err) {
   box.hidden = false;
 }
 
-function clearError() { const box = document.getElementById("error"); box.hidden = true; box.replaceChildren(); }
+function clearError() { const box = document.getElementById("error"); box.hidden = true; fill(box); }
 
 function guard(fn) {
   // An event handler whose failures are shown instead of lost.
@@ -130,7 +135,7 @@ async function pageDatasets(view) {
     h("td", {}, h("a", { href: `#/datasets/${d.id}` }, d.name)),
     h("td", {}, d.classes.map((c) => `${c} (${d.image_counts[c]})`).join(", ")),
     h("td", {}, fmtDate(d.created_at))));
-  view.replaceChildren(h("h1", {}, "Datasets"),
+  fill(view, h("h1", {}, "Datasets"),
     h("div", { class: "card" }, h("h2", {}, "New dataset"), create),
     h("div", { class: "card" }, list.length
       ? h("table", { id: "dataset-list" }, h("tr", {}, h("th", {}, "Name"), h("th", {}, "Classes (images)"), h("th", {}, "Created")), rows)
@@ -192,7 +197,7 @@ async function renderGallery(dataset, box, refresh) {
       imgs.length ? h("div", { class: "gallery" }, imgs.map((i) => thumbCard(fresh, i, refresh)))
         : h("p", { class: "muted" }, "No images yet.")));
   }
-  box.replaceChildren(...sections);
+  fill(box, ...sections);
   return fresh;
 }
 
@@ -242,7 +247,7 @@ async function pageDataset(view, id) {
     await api("DELETE", `/v1/datasets/${dataset.id}`);
     location.hash = "#/datasets";
   }));
-  view.replaceChildren(
+  fill(view, 
     h("h1", {}, `Dataset: ${dataset.name} `, counts),
     h("div", { class: "row" },
       h("div", { class: "card" }, h("h2", {}, "Add images"), h("label", {}, "Class of dropped images: ", label), zone, results),
@@ -260,7 +265,7 @@ async function pageJobs(view) {
     h("td", {}, h("a", { href: `#/jobs/${j.id}` }, j.id.slice(0, 8))), h("td", {}, pill(j.status)),
     h("td", {}, j.method), h("td", {}, j.dataset_id ? h("a", { href: `#/datasets/${j.dataset_id}` }, "dataset") : "—"),
     h("td", {}, j.model_id ? h("a", { href: `#/models/${j.model_id}` }, "model") : "—"), h("td", {}, fmtDate(j.created_at))));
-  view.replaceChildren(h("h1", {}, "Jobs"), h("div", { class: "card" }, jobs.length
+  fill(view, h("h1", {}, "Jobs"), h("div", { class: "card" }, jobs.length
     ? h("table", {}, h("tr", {}, ["Job", "Status", "Method", "Dataset", "Model", "Created"].map((t) => h("th", {}, t))), rows)
     : h("p", { class: "muted" }, "No jobs yet: start one from a dataset's page.")));
 }
@@ -273,7 +278,7 @@ function drawChart(canvas, points) {
   const g = canvas.getContext("2d");
   g.setTransform(dpr, 0, 0, dpr, 0, 0);
   g.clearRect(0, 0, W, H);
-  const pad = { l: 52, r: 46, t: 14, b: 30 };
+  const pad = { l: 52, r: 46, t: 28, b: 30 };
   const pw = W - pad.l - pad.r, ph = H - pad.t - pad.b;
   g.font = "11px system-ui, sans-serif"; g.fillStyle = "#66727f"; g.strokeStyle = "#d9dee4";
   g.strokeRect(pad.l, pad.t, pw, ph);
@@ -304,8 +309,8 @@ function drawChart(canvas, points) {
   line(points, yA, "train_accuracy", "#e07b24");
   line(points, yA, "val_accuracy", "#2e7d32", [5, 4]);
   const legend = [["loss", "#1f4e79"], ["train accuracy", "#e07b24"], ["validation accuracy", "#2e7d32"]];
-  legend.forEach(([t, c], i) => { g.fillStyle = c; g.fillRect(pad.l + 10 + i * 140, pad.t + 8, 10, 10);
-    g.fillStyle = "#1d2733"; g.fillText(t, pad.l + 24 + i * 140, pad.t + 17); });
+  legend.forEach(([t, c], i) => { g.fillStyle = c; g.fillRect(pad.l + i * 150, 8, 10, 10);
+    g.fillStyle = "#1d2733"; g.fillText(t, pad.l + 14 + i * 150, 17); });
 }
 
 async function loadHistory(id, state) {
@@ -331,7 +336,7 @@ async function pageJob(view, id) {
   const cancel = h("button", { class: "secondary", type: "button", id: "job-cancel" }, "Cancel job");
   cancel.addEventListener("click", guard(async () => { await api("POST", `/v1/jobs/${id}/cancel`); }));
   const note = h("p", { class: "muted", id: "chart-note" });
-  view.replaceChildren(head, h("div", { class: "card" }, h("div", { class: "progress" }, bar), stats, links, errorBox, cancel),
+  fill(view, head, h("div", { class: "card" }, h("div", { class: "progress" }, bar), stats, links, errorBox, cancel),
     h("div", { class: "card" }, h("h2", {}, "Training curves"), canvas, note));
   const tick = async () => {
     const job = await api("GET", `/v1/jobs/${id}`);
@@ -339,9 +344,9 @@ async function pageJob(view, id) {
     const done = ["succeeded", "failed", "cancelled"].includes(job.status);
     const total = p.total_steps || 0;
     bar.style.width = `${total ? Math.min(100, (100 * p.step) / total) : done ? 100 : 0}%`;
-    head.querySelector("#job-status").replaceChildren(pill(job.status));
+    fill(head.querySelector("#job-status"), pill(job.status));
     const est = job.estimated_seconds ?? sessionStorage.getItem(`est.${id}`);
-    stats.replaceChildren(stat("step", total ? `${p.step} / ${total}` : String(p.step), "job-step"),
+    fill(stats, stat("step", total ? `${p.step} / ${total}` : String(p.step), "job-step"),
       stat("loss", fmtNum(p.loss), "job-loss"), stat("train accuracy", fmtPct(p.train_accuracy), "job-acc"),
       stat("ETA", done ? "—" : fmtSeconds(p.eta_seconds), "job-eta"),
       est !== null && est !== undefined ? stat("estimated duration", fmtSeconds(Number(est)), "job-estimate") : null,
@@ -351,7 +356,7 @@ async function pageJob(view, id) {
     const history = await loadHistory(id, state);
     drawChart(canvas, history && history.length ? history : state.polled);
     note.textContent = history ? "From the job's stored history." : "Points seen while this page polled the job.";
-    links.replaceChildren(job.dataset_id ? h("a", { href: `#/datasets/${job.dataset_id}` }, "dataset") : "",
+    fill(links, job.dataset_id ? h("a", { href: `#/datasets/${job.dataset_id}` }, "dataset") : "",
       job.model_id ? [" · ", h("a", { href: `#/models/${job.model_id}`, id: "job-model-link" }, "open the model →")] : "");
     errorBox.hidden = !job.error; errorBox.textContent = job.error || "";
     cancel.hidden = done;
@@ -367,14 +372,19 @@ async function pageModels(view) {
   const rows = models.map((m) => h("tr", {},
     h("td", {}, h("a", { href: `#/models/${m.id}` }, m.id.slice(0, 8))), h("td", {}, m.method),
     h("td", {}, m.classes.join(", ")), h("td", {}, m.base_model), h("td", {}, fmtDate(m.created_at))));
-  view.replaceChildren(h("h1", {}, "Models"), h("div", { class: "card" }, models.length
+  fill(view, h("h1", {}, "Models"), h("div", { class: "card" }, models.length
     ? h("table", {}, h("tr", {}, ["Model", "Method", "Classes", "Base", "Created"].map((t) => h("th", {}, t))), rows)
     : h("p", { class: "muted" }, "No models yet.")));
 }
 
+function fmtValue(v) {
+  if (typeof v === "number" && !Number.isInteger(v)) return Number(v.toPrecision(4)).toString();
+  return typeof v === "object" && v !== null ? JSON.stringify(v) : String(v);
+}
+
 function metricsTable(metrics) {
   const rows = Object.entries(metrics || {}).filter(([k]) => k !== "evaluation")
-    .map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, typeof v === "object" ? JSON.stringify(v) : String(v))));
+    .map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, fmtValue(v))));
   return rows.length ? h("table", { id: "model-metrics" }, rows) : h("p", { class: "muted" }, "No metrics recorded.");
 }
 
@@ -417,18 +427,18 @@ async function pageModel(view, id) {
     form.append("top_k", String(Math.min(5, m.classes.length)));
     const res = await api("POST", `/v1/models/${id}/classify`, { form });
     const url = URL.createObjectURL(files[0]); objectUrls.push(url);
-    preview.replaceChildren(h("img", { src: url, alt: files[0].name }));
-    out.replaceChildren(...res.predictions.map(topkBars));
+    fill(preview, h("img", { src: url, alt: files[0].name }));
+    fill(out, ...res.predictions.map(topkBars));
   }, { accept: "image/*", id: "classify-input" });
   const dl = h("button", { type: "button", id: "delta-fetch" }, "Prepare delta download");
   const dlBox = h("span", { id: "delta-box" });
   dl.addEventListener("click", guard(async () => {
     const url = await authedBlobUrl(`/v1/models/${id}/delta`);
     const a = h("a", { href: url, download: `${id}.safetensors`, id: "delta-link" }, `${id}.safetensors (${m.delta.bytes} bytes)`);
-    dlBox.replaceChildren(" ", a);
+    fill(dlBox, " ", a);
     a.click();
   }));
-  view.replaceChildren(
+  fill(view, 
     h("h1", {}, "Model ", h("code", {}, id.slice(0, 8)), " ", pill(m.status)),
     h("div", { class: "row" },
       h("div", { class: "card" }, h("h2", {}, "Model"), h("table", { id: "model-info" },
@@ -457,7 +467,7 @@ async function route() {
   const hash = location.hash || "#/datasets";
   document.querySelectorAll("header nav a").forEach((a) => a.classList.toggle("active", hash.startsWith(a.getAttribute("href"))));
   if (!apiKey()) {
-    view.replaceChildren(h("div", { class: "card", id: "need-key" }, h("h2", {}, "Enter an API key"),
+    fill(view, h("div", { class: "card", id: "need-key" }, h("h2", {}, "Enter an API key"),
       h("p", {}, "Create one on the server with ", h("code", {}, "sparseshot keys create --tenant NAME"),
         ", paste it above and press “Use key”.")));
     return;
@@ -465,8 +475,8 @@ async function route() {
   for (const [re, page] of ROUTES) {
     const m = hash.match(re);
     if (m) {
-      view.replaceChildren(h("p", { class: "muted" }, "Loading…"));
-      try { await page(view, ...m.slice(1)); } catch (e) { showError(e); view.replaceChildren(); }
+      fill(view, h("p", { class: "muted" }, "Loading…"));
+      try { await page(view, ...m.slice(1)); } catch (e) { showError(e); fill(view); }
       document.body.dataset.page = page.name;
       return;
     }
