@@ -9,6 +9,7 @@ tests/e2e/artifacts/console/ (or $SPARSESHOT_TEST_ARTIFACTS) and its path printe
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -97,6 +98,19 @@ class Page:
         print(f"screenshot: {path}")
         return path
 
+    def drop(self, zone_child: str, path: Path, media_type: str = "image/png") -> None:
+        """Drop a file on the drop zone holding `zone_child`, as a drag from the desktop would."""
+        self.d.execute_script(
+            """const [sel, b64, name, type] = arguments;
+               const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+               const dt = new DataTransfer(); dt.items.add(new File([bytes], name, {type}));
+               const zone = document.querySelector(sel).closest('.dropzone');
+               const init = {dataTransfer: dt, bubbles: true, cancelable: true};
+               zone.dispatchEvent(new DragEvent('dragover', init));
+               zone.dispatchEvent(new DragEvent('drop', init));""",
+            zone_child, base64.b64encode(path.read_bytes()).decode(), path.name, media_type,
+        )
+
     def select(self, sel: str, value: str) -> None:
         from selenium.webdriver.support.ui import Select
 
@@ -173,7 +187,9 @@ def test_console_whole_flow_in_chromium(tmp_path: Path, procs: list[Proc], brows
     page.css("#upload-input").send_keys(str(tmp_path / "images" / "blue.zip"))
     page.until(lambda: len(page.all('section[data-class="blue"] .thumb')) == 6, what="zip")
     page.select("#upload-label", "red")
-    for name in ("odd-one.png", "spare.png", "broken.png"):
+    page.drop("#upload-input", tmp_path / "images" / "odd-one.png")  # drag and drop
+    page.text_in("#upload-results li", "added: odd-one.png")
+    for name in ("spare.png", "broken.png"):
         page.css("#upload-input").send_keys(str(tmp_path / "images" / name))
         page.text_in("#upload-results li", name)
     rejected = [e.text for e in page.all("#upload-results li.rejected")]
@@ -215,7 +231,10 @@ def test_console_whole_flow_in_chromium(tmp_path: Path, procs: list[Proc], brows
     page.text_in("h1", "Model")
     model = http.get(f"/v1/models/{job['model_id']}").json()
     assert "red, green, blue" in page.css("#model-info").text
+    page.drop("#classify-input", files["green"][0])  # drag and drop
+    page.text_in("#classify-results", files["green"][0].name)
     page.css("#classify-input").send_keys(str(files["red"][0]))
+    page.text_in("#classify-results", files["red"][0].name)
     page.until(lambda: len(page.all("#classify-results .bar")) == 3, what="top-k bars")
     labels = [b.get_attribute("data-label") for b in page.all("#classify-results .bar")]
     assert sorted(labels) == ["blue", "green", "red"]

@@ -6,6 +6,7 @@ import hashlib
 import io
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from app.core.config import Settings
@@ -136,3 +137,35 @@ def test_other_tenants_images_are_404(api, make_key) -> None:
     api.problem(api.client.get(elsewhere, headers=api.headers), 404)
     assert len(_images(api, ds["id"])) == 3
     api.problem(api.client.get(base), 401)
+
+
+def _frame(colour: int) -> Image.Image:
+    return Image.new("P", (64, 32), colour)
+
+
+def _encoded(im: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "size", "expected"),
+    [
+        (_encoded(Image.new("RGBA", (300, 100), (255, 0, 0, 128)), "PNG"), 128, (128, 43)),
+        (_encoded(Image.new("L", (50, 80), 128), "PNG"), 64, (40, 64)),
+        (_encoded(Image.new("L", (50, 80), 128), "PNG"), 256, (50, 80)),  # never enlarged
+        (_encoded(Image.new("I;16", (40, 40), 30000), "PNG"), 64, (40, 40)),
+        (_encoded(Image.new("CMYK", (600, 300)), "JPEG"), 128, (128, 64)),
+        (_encoded(Image.new("RGB", (2000, 1000), (0, 200, 0)), "JPEG"), 256, (256, 128)),
+        (_encoded(_frame(0), "GIF", save_all=True, append_images=[_frame(3)]),
+         64, (64, 32)),
+        (_encoded(Image.new("1", (64, 32)), "BMP"), 64, (64, 32)),
+    ],
+    ids=["rgba", "grey", "grey-small", "16bit", "cmyk", "big-jpeg", "animated-gif", "1bit-bmp"],
+)
+def test_thumbnails_of_every_mode_are_rgb_jpegs(data: bytes, size: int, expected: tuple[int, int]) -> None:
+    from app.services.images_catalog import render_thumbnail
+
+    with Image.open(io.BytesIO(render_thumbnail(data, size))) as im:
+        assert (im.format, im.mode, im.size) == ("JPEG", "RGB", expected)

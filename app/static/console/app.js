@@ -4,6 +4,7 @@
 
 const KEY_STORE = "sparseshot.apiKey";
 const POLL_MS = 1000;
+const GALLERY_PAGE = 60; // thumbnails per class fetched at a time
 const UPLOAD_BATCH = 16; // files per request (under the server's max_files_per_request default)
 let pageTimer = null; // the polling of the page shown, stopped when the page changes
 let objectUrls = []; // blob: URLs of the page shown (thumbnails), revoked when the page changes
@@ -187,17 +188,27 @@ function thumbCard(dataset, img, refresh) {
 }
 
 async function renderGallery(dataset, box, refresh) {
-  // One section per class, up to 200 images each (the API pages; the console shows the first page).
+  // One section per class; images come a page at a time ("Show more" fetches the next page).
   const fresh = await api("GET", `/v1/datasets/${dataset.id}`);
   const sections = [];
   for (const c of fresh.classes) {
-    const imgs = fresh.image_counts[c] ? await api("GET", `/v1/datasets/${dataset.id}/images?label=${encodeURIComponent(c)}&limit=200`) : [];
+    const grid = h("div", { class: "gallery" });
+    const more = h("button", { type: "button", class: "secondary more", hidden: true }, "Show more");
+    let offset = 0;
+    const loadPage = async () => {
+      const url = `/v1/datasets/${dataset.id}/images?label=${encodeURIComponent(c)}&limit=${GALLERY_PAGE}&offset=${offset}`;
+      const imgs = await api("GET", url);
+      offset += imgs.length;
+      grid.append(...imgs.map((i) => thumbCard(fresh, i, refresh)));
+      more.hidden = offset >= fresh.image_counts[c] || imgs.length < GALLERY_PAGE;
+    };
+    more.addEventListener("click", guard(loadPage));
+    if (fresh.image_counts[c]) await loadPage();
     sections.push(h("section", { class: "class-gallery", "data-class": c },
       h("h3", {}, `${c} `, h("span", { class: "muted count" }, `(${fresh.image_counts[c]})`)),
-      imgs.length ? h("div", { class: "gallery" }, imgs.map((i) => thumbCard(fresh, i, refresh)))
-        : h("p", { class: "muted" }, "No images yet.")));
+      fresh.image_counts[c] ? [grid, more] : h("p", { class: "muted" }, "No images yet.")));
   }
-  fill(box, ...sections);
+  fill(box, sections);
   return fresh;
 }
 
