@@ -313,8 +313,9 @@ function drawChart(canvas, points) {
     g.strokeStyle = colour; g.lineWidth = 2; g.setLineDash(dash || []);
     g.beginPath();
     pp.forEach((p, i) => (i ? g.lineTo(x(p.step), yf(p[key])) : g.moveTo(x(p.step), yf(p[key]))));
-    if (pp.length === 1) g.arc(x(pp[0].step), yf(pp[0][key]), 2, 0, 2 * Math.PI);
-    g.stroke(); g.setLineDash([]); g.lineWidth = 1; g.strokeStyle = "#d9dee4";
+    g.stroke();
+    g.fillStyle = colour; // a dot on each point: a lone point is visible too
+    pp.forEach((p) => { g.beginPath(); g.arc(x(p.step), yf(p[key]), 3, 0, 2 * Math.PI); g.fill(); }); g.setLineDash([]); g.lineWidth = 1; g.strokeStyle = "#d9dee4";
   };
   line(points, yL, "loss", "#1f4e79");
   line(points, yA, "train_accuracy", "#e07b24");
