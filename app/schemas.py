@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from app.jobs.status import JobStatus
+
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -19,11 +20,13 @@ def _unique(classes: list[str]) -> list[str]:
     return classes
 
 
-class Strict(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are refused (422), never silently ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DatasetCreate(Strict):
+class DatasetCreate(RequestBody):
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     classes: list[ClassName] = Field(min_length=2, description="At least two distinct class names.")
 
@@ -57,7 +60,7 @@ class ImagesAdded(BaseModel):
     rejected: list[ImageRejected]
 
 
-class JobCreate(Strict):
+class JobCreate(RequestBody):
     dataset_id: str
     method: Literal["so", "lora"] = "so"
     base_model: str | None = None
@@ -89,7 +92,7 @@ class JobPublic(BaseModel):
     finished_at: datetime | None = None
 
 
-class ZeroshotCreate(Strict):
+class ZeroshotCreate(RequestBody):
     classes: list[ClassName] = Field(min_length=2)
     base_model: str | None = None
     template: str | None = Field(
