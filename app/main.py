@@ -13,10 +13,10 @@ from fastapi.staticfiles import StaticFiles
 from app import __doc__ as app_doc
 from app.api.routes import console, datasets, health, images, jobs, models
 from app.core.config import Settings, get_settings
-from app.db import make_engine
 from app.errors import install_handlers
 from app.metrics import LATENCY, REQUESTS
-from app.storage import get_storage
+from app.queue import Queue
+from app.runtime import Runtime
 
 
 def _route_label(request: Request) -> str:
@@ -34,15 +34,18 @@ def _summaries_from_docstrings(router: APIRouter) -> None:
             route.description = rest.strip() or first.strip()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API for `settings` (default: from the environment). The schema must be migrated."""
-    settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+def create_app(settings: Settings | None = None, *, queue: Queue | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment). The schema must be migrated.
+
+    `queue` is the training queue (`sparseshot serve` passes worker.dispatch.CeleryQueue); without
+    one, job creation fails cleanly and /readyz reports the broker not ready.
+    """
+    runtime = Runtime.build(settings or get_settings(), queue=queue)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.dispose()
+        runtime.close()
 
     app = FastAPI(
         title="SparseShot",
@@ -53,9 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # served by app.api.routes.console from local assets (no CDN)
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.storage = get_storage(settings)
+    app.state.runtime = runtime
     install_handlers(app)
 
     @app.middleware("http")

@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from app.jobs.status import JobStatus
+
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -19,11 +20,13 @@ def _unique(classes: list[str]) -> list[str]:
     return classes
 
 
-class Strict(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are refused (422), never silently ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DatasetCreate(Strict):
+class DatasetCreate(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "pets", "classes": ["cat", "dog"]}]})
 
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -69,13 +72,13 @@ class ImagePublic(BaseModel):
     thumbnail_url: str = Field(description="A small JPEG of the image (authenticated like every call).")
 
 
-class ImagePatch(Strict):
+class ImagePatch(RequestBody):
     label: ClassName = Field(description="The new class: one of the dataset's classes.")
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"label": "dog"}]})
 
 
-class JobCreate(Strict):
+class JobCreate(RequestBody):
     # Works as sent once `dataset_id` names one of your datasets (a short run: quick on a CPU).
     model_config = ConfigDict(
         json_schema_extra={
@@ -117,7 +120,7 @@ class JobPublic(BaseModel):
     finished_at: datetime | None = None
 
 
-class ZeroshotCreate(Strict):
+class ZeroshotCreate(RequestBody):
     model_config = ConfigDict(
         json_schema_extra={"examples": [{"classes": ["cat", "dog"], "template": "a photo of a {}."}]}
     )

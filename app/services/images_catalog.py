@@ -18,7 +18,7 @@ from app.errors import InvalidInput, NotFound
 from app.models import Dataset, Image, Tenant
 from app.schemas import ImagePublic
 from app.services import datasets as datasets_svc
-from app.storage import LocalStorage, StorageError
+from app.storage import Storage, StorageError
 
 
 class ThumbnailSize(enum.IntEnum):
@@ -84,7 +84,7 @@ def relabel_image(
 
 
 def delete_image(
-    *, session: Session, storage: LocalStorage, tenant: Tenant, dataset_id: str, image_id: str
+    *, session: Session, storage: Storage, tenant: Tenant, dataset_id: str, image_id: str
 ) -> None:
     """Delete the image row; its file goes once no other row uses it (409 while a job trains)."""
     dataset, image = get_image(session=session, tenant=tenant, dataset_id=dataset_id, image_id=image_id)
@@ -96,7 +96,7 @@ def delete_image(
 
 
 def thumbnail(
-    *, session: Session, storage: LocalStorage, tenant: Tenant, dataset_id: str, image_id: str,
+    *, session: Session, storage: Storage, tenant: Tenant, dataset_id: str, image_id: str,
     size: ThumbnailSize,
 ) -> bytes:  # fmt: skip
     """JPEG bytes of the image fitted in size x size, made once and cached beside the stored file."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from app.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
-from app.schemas import JobCreate, JobPublic, JobStatus
+from app.api.deps import PageDep, QueueDep, SessionDep, SettingsDep, TenantDep
+from app.jobs.status import JobStatus
+from app.schemas import JobCreate, JobPublic
 from app.services import jobs as svc
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -13,7 +14,8 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def create_job(
-    body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+    body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+    queue: QueueDep,
 ) -> JobPublic:
     """Start a training job.
 
@@ -22,7 +24,7 @@ def create_job(
     with the queued job and its `Location`; poll it until `status` is `succeeded` (then
     `model_id` is set), `failed` or `cancelled`.
     """
-    job = svc.create_job(session=session, settings=settings, tenant=tenant, body=body)
+    job = svc.create_job(session=session, settings=settings, queue=queue, tenant=tenant, body=body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return svc.to_public(job)
 
