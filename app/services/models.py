@@ -18,14 +18,14 @@ from app.services import images as imgcheck
 from app.services.datasets import Upload
 from app.services.datasets import _remove_unreferenced as remove_unreferenced
 from app.services.jobs import resolve_base_model, validate_params
-from app.storage import LocalStorage
+from app.storage import Storage
 from sparseshot.delta import DeltaError, SparseDelta
 
 if TYPE_CHECKING:
     from sparseshot.base import BaseModel
 
 
-def store_delta(*, storage: LocalStorage, delta: SparseDelta, data: bytes | None = None) -> str:
+def store_delta(*, storage: Storage, delta: SparseDelta, data: bytes | None = None) -> str:
     """The delta's file into content-addressed storage (written atomically there); returns its key.
 
     data: the delta's file as received (an import keeps the exact bytes), else delta.to_bytes()."""
@@ -50,7 +50,7 @@ def add_model(
 
 
 def create_model_from_delta(
-    *, session: Session, storage: LocalStorage, tenant: Tenant, delta: SparseDelta, base_model: str,
+    *, session: Session, storage: Storage, tenant: Tenant, delta: SparseDelta, base_model: str,
     method: str, job_id: str | None = None, name: str | None = None, metrics: dict[str, Any] | None = None,
     data: bytes | None = None,
 ) -> Model:
@@ -71,7 +71,7 @@ def create_model_from_delta(
 
 
 def create_zeroshot(
-    *, session: Session, storage: LocalStorage, settings: Settings, tenant: Tenant, body: ZeroshotCreate
+    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, body: ZeroshotCreate
 ) -> Model:
     """A model from class names alone (text embeddings of the prompts), usable at once."""
     from app.services import inference  # loads torch and open_clip: only when a model is made
@@ -88,7 +88,7 @@ def create_zeroshot(
 
 
 def import_model(
-    *, session: Session, storage: LocalStorage, settings: Settings, tenant: Tenant, upload: Upload,
+    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, upload: Upload,
     name: str | None,
 ) -> Model:
     """A model from a delta file made by sparseshot for this server's base; nothing is stored
@@ -154,7 +154,7 @@ def list_models(*, session: Session, tenant: Tenant, limit: int, offset: int) ->
     return list(session.scalars(query))
 
 
-def delta_path(*, session: Session, storage: LocalStorage, tenant: Tenant, model_id: str) -> Path:
+def delta_path(*, session: Session, storage: Storage, tenant: Tenant, model_id: str) -> Path:
     """Local path of the model's delta file (409 when the file is missing)."""
     model = get_model(session=session, tenant=tenant, model_id=model_id)
     path = storage.path(model.delta_key)
@@ -163,7 +163,7 @@ def delta_path(*, session: Session, storage: LocalStorage, tenant: Tenant, model
     return path
 
 
-def delete_model(*, session: Session, storage: LocalStorage, tenant: Tenant, model_id: str) -> None:
+def delete_model(*, session: Session, storage: Storage, tenant: Tenant, model_id: str) -> None:
     """Delete the row; jobs keep their record (model_id null); the file goes when nothing uses it."""
     model = get_model(session=session, tenant=tenant, model_id=model_id)
     key = model.delta_key
@@ -176,7 +176,7 @@ def delete_model(*, session: Session, storage: LocalStorage, tenant: Tenant, mod
 def classify(
     *,
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: Tenant,
     model_id: str,
