@@ -25,6 +25,7 @@ from sqlalchemy import select, update
 from app.core.config import Settings, get_settings
 from app.db import session_scope
 from app.models import Dataset, Image, Job, Model
+from app.services import history
 from app.storage import get_storage
 from worker.celery_app import TRAIN_TASK, app
 
@@ -272,8 +273,13 @@ def _load_examples(claim: Claim) -> tuple[list[str], list[Any], list[int]]:
 def _progress_writer(claim: Claim, settings: Settings) -> Any:
     """on_progress callback: writes step/total/loss/acc/eta at most every progress_interval_s."""
     last = [0.0]
+    record_history = history.progress_recorder(
+        job_id=claim.job_id, worker=claim.worker, attempt=claim.attempt,
+        every_steps=settings.history_every_steps,
+    )
 
     def on_progress(p: Any) -> None:
+        record_history(p)
         now = time.monotonic()
         final = p.total_steps is not None and p.step >= p.total_steps
         if not final and now - last[0] < settings.progress_interval_s:
@@ -373,6 +379,8 @@ def _train(claim: Claim, settings: Settings, watcher: Watcher, ckpt: Path) -> tu
     try:
         classes, images, labels = _load_examples(claim)
         base = get_base(claim.base_model)
+        history.record_environment(job_id=claim.job_id, worker=claim.worker, attempt=claim.attempt,
+                                   device=getattr(base, "device", None))
         if watcher.should_stop():
             raise sparseshot.Cancelled()
         result = sparseshot.adapt(

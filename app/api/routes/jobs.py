@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Request, Response, status
+from fastapi.responses import StreamingResponse
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
-from app.schemas import JobCreate, JobPublic, JobStatus
+from app.schemas import JobCreate, JobHistoryPublic, JobPublic, JobStatus
+from app.services import history, job_events
 from app.services import jobs as svc
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -39,3 +41,26 @@ def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
     return svc.to_public(svc.cancel_job(session=session, tenant=tenant, job_id=job_id))
+
+
+@router.get("/{job_id}/history")
+def get_history(job_id: str, session: SessionDep, tenant: TenantDep) -> JobHistoryPublic:
+    """Training curve: loss, train accuracy, lr (and validation accuracy) every few steps."""
+    return history.list_history(session=session, tenant=tenant, job_id=job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "`event: progress` (job JSON) on each change, `event: end` at the end."}},
+)
+def stream_events(
+    job_id: str, request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+) -> StreamingResponse:
+    """Live progress as server-sent events; closes after the final event."""
+    svc.get_job(session=session, tenant=tenant, job_id=job_id)  # 404 before the stream starts
+    stream = job_events.job_events(engine=request.app.state.engine, settings=settings, tenant=tenant,
+                                   job_id=job_id)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
