@@ -23,9 +23,9 @@ __all__ = ["DEFAULT_PRESET", "PRESETS", "STEP_SECONDS", "estimate_seconds", "pre
 DEFAULT_PRESET = "standard"
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "quick": {"so": {"n_iters": 200, "lr": 1e-3}, "lora": {"n_iters": 50, "lr": 1e-3}},
-    "standard": {"so": {}, "lora": {}},
-    "thorough": {"so": {"n_iters": 4000}, "lora": {"n_iters": 1000}},
+    "quick": {"so": {"n_iters": 200, "lr": 1e-3}, "lora": {"n_iters": 50, "lr": 1e-3}, "zeroshot": {}},
+    "standard": {"so": {}, "lora": {}, "zeroshot": {}},
+    "thorough": {"so": {"n_iters": 4000}, "lora": {"n_iters": 1000}, "zeroshot": {}},
 }
 
 # Seconds per step at batch MEASURED_BATCH, by (base architecture, method, device type).

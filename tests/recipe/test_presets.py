@@ -34,7 +34,8 @@ def test_params_override_the_preset_and_bad_input_is_refused() -> None:
     with pytest.raises(ValueError, match="bogus"):
         presets.preset_params("quick", "so", {"bogus": 1})
     with pytest.raises(ValueError, match="preset"):
-        presets.preset_params("quick", "zeroshot")
+        presets.preset_params("quick", "dense")
+    assert presets.preset_params("quick", "zeroshot") == validate_hparams("zeroshot", {})
 
 
 def test_api_schema_lists_the_same_presets() -> None:
