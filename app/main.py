@@ -11,10 +11,10 @@ from fastapi import FastAPI, Request, Response
 from app import __doc__ as app_doc
 from app.api.routes import datasets, health, jobs, models
 from app.core.config import Settings, get_settings
-from app.db import make_engine
 from app.errors import install_handlers
 from app.metrics import LATENCY, REQUESTS
-from app.storage import get_storage
+from app.queue import Queue
+from app.runtime import Runtime
 
 
 def _route_label(request: Request) -> str:
@@ -23,15 +23,18 @@ def _route_label(request: Request) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API for `settings` (default: from the environment). The schema must be migrated."""
-    settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+def create_app(settings: Settings | None = None, *, queue: Queue | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment). The schema must be migrated.
+
+    `queue` is the training queue (`sparseshot serve` passes worker.dispatch.CeleryQueue); without
+    one, job creation fails cleanly and /readyz reports the broker not ready.
+    """
+    runtime = Runtime.build(settings or get_settings(), queue=queue)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.dispose()
+        runtime.close()
 
     app = FastAPI(
         title="SparseShot",
@@ -40,9 +43,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Few-shot CLIP adaptation: datasets, training jobs, sparse-delta models, classify.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.storage = get_storage(settings)
+    app.state.runtime = runtime
     install_handlers(app)
 
     @app.middleware("http")

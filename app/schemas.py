@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from app.jobs.status import JobStatus
+
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 PresetName = Literal["quick", "standard", "thorough"]  # = sparseshot.presets.PRESETS (a test checks)
 
 
@@ -20,11 +21,13 @@ def _unique(classes: list[str]) -> list[str]:
     return classes
 
 
-class Strict(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are refused (422), never silently ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DatasetCreate(Strict):
+class DatasetCreate(RequestBody):
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     classes: list[ClassName] = Field(min_length=2, description="At least two distinct class names.")
 
@@ -58,7 +61,7 @@ class ImagesAdded(BaseModel):
     rejected: list[ImageRejected]
 
 
-class JobCreate(Strict):
+class JobCreate(RequestBody):
     dataset_id: str
     method: Literal["so", "lora"] = "so"
     base_model: str | None = None
@@ -116,7 +119,7 @@ class JobHistoryPublic(BaseModel):
     items: list[HistoryPoint]
 
 
-class ZeroshotCreate(Strict):
+class ZeroshotCreate(RequestBody):
     classes: list[ClassName] = Field(min_length=2)
     base_model: str | None = None
     template: str | None = Field(

@@ -28,6 +28,9 @@ class StorageError(Exception):
 
 @runtime_checkable
 class Storage(Protocol):
+    """What services use: content-addressed put/get/delete, and a local path to stream a file."""
+
+    def path(self, key: str) -> Path: ...
     def put(self, data: bytes) -> str: ...
     def put_file(self, path: str | os.PathLike[str]) -> str: ...
     def get(self, key: str) -> bytes: ...
@@ -90,5 +93,5 @@ class LocalStorage:
 
 
 def get_storage(settings: Settings | None = None) -> LocalStorage:
-    """The local storage under the settings' data folder."""
+    """The local storage under the settings' data folder (default: the process settings)."""
     return LocalStorage((settings or get_settings()).storage_dir)

@@ -19,6 +19,7 @@ from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.db import session_scope
+from app.jobs.lifecycle import Claim, owned
 from app.models import Job, JobHistory, Tenant
 from app.schemas import HistoryPoint, JobHistoryPublic
 from app.services.jobs import get_job
@@ -37,11 +38,10 @@ def _f(x: Any) -> float | None:
 
 
 class HistoryRecorder:
-    """Callable taking a sparseshot.Progress; writes the points of one attempt of one job."""
+    """Callable taking a sparseshot.Progress; writes the points of one attempt (claim) of one job."""
 
-    def __init__(self, *, job_id: str, worker: str, attempt: int, every_steps: int,
-                 engine: Engine | None = None) -> None:
-        self.job_id, self.worker, self.attempt = job_id, worker, attempt
+    def __init__(self, *, claim: Claim, every_steps: int, engine: Engine | None = None) -> None:
+        self.claim, self.job_id = claim, claim.job_id
         self.every_steps = max(1, every_steps)
         self.engine = engine
         self.last_step: int | None = None  # last step written by this attempt
@@ -64,10 +64,7 @@ class HistoryRecorder:
 
     def _write(self, p: Any, step: int) -> bool:
         with session_scope(self.engine) as s:
-            owned = s.scalar(select(Job.id).where(
-                Job.id == self.job_id, Job.status == "running", Job.worker == self.worker,
-                Job.attempts == self.attempt))
-            if owned is None:
+            if s.scalar(select(Job.id).where(owned(self.claim))) is None:
                 return False
             if self.last_step is None:  # first point of this attempt: drop replayed steps
                 s.execute(delete(JobHistory).where(JobHistory.job_id == self.job_id, JobHistory.step >= step))
@@ -78,9 +75,11 @@ class HistoryRecorder:
         return True
 
 
-def progress_recorder(*, job_id: str, worker: str, attempt: int, every_steps: int) -> Callable[[Any], None]:
+def progress_recorder(
+    *, claim: Claim, every_steps: int, engine: Engine | None = None
+) -> Callable[[Any], None]:
     """The worker's hook: a HistoryRecorder for this attempt."""
-    return HistoryRecorder(job_id=job_id, worker=worker, attempt=attempt, every_steps=every_steps)
+    return HistoryRecorder(claim=claim, every_steps=every_steps, engine=engine)
 
 
 def list_history(*, session: Session, tenant: Tenant, job_id: str) -> JobHistoryPublic:
@@ -120,14 +119,15 @@ def device_name(device: Any) -> str:
     return str(dev)
 
 
-def record_environment(*, job_id: str, worker: str, attempt: int, device: Any) -> None:
-    """Write the device and library versions of this attempt on the job (if still ours)."""
+def record_environment(*, claim: Claim, device: Any, engine: Engine | None = None) -> None:
+    """Write the device and library versions of this attempt on the job (if still ours).
+
+    Not a status change (those belong to app.jobs.lifecycle): two descriptive columns."""
     if device is None:
         return
     try:
-        with session_scope() as s:
-            s.execute(update(Job).where(
-                Job.id == job_id, Job.status == "running", Job.worker == worker, Job.attempts == attempt,
-            ).values(device=device_name(device), versions=library_versions()))
+        with session_scope(engine) as s:
+            s.execute(update(Job).where(owned(claim)).values(device=device_name(device),
+                                                             versions=library_versions()))
     except Exception as e:
-        log.warning("job %s: could not record its device: %s", job_id, e)
+        log.warning("job %s: could not record its device: %s", claim.job_id, e)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from app.jobs.lifecycle import Claim
 from app.models import Job
 from app.services.history import MAX_POINTS, HistoryRecorder
 from sparseshot import presets
@@ -46,15 +47,18 @@ def test_preset_sets_params_and_estimate(api) -> None:
     assert "preset" in body["detail"]
 
 
-def _recorder(job_id: str, every: int = 1) -> HistoryRecorder:
-    return HistoryRecorder(job_id=job_id, worker="w1", attempt=1, every_steps=every)
+def _claim(job_id: str, worker: str = "w1", attempt: int = 1) -> Claim:
+    return Claim(job_id, worker, attempt, "t", None, "so", "b", {})
 
 
-def test_history_is_recorded_every_n_steps_and_listed(api, engine, monkeypatch) -> None:
-    monkeypatch.setattr("app.db.get_engine", lambda url=None: engine)
+def _recorder(job_id: str, every: int = 1, engine=None) -> HistoryRecorder:
+    return HistoryRecorder(claim=_claim(job_id), every_steps=every, engine=engine)
+
+
+def test_history_is_recorded_every_n_steps_and_listed(api, engine) -> None:
     ds = api.ready_dataset()
     job = api.job(ds["id"]).json()
-    rec = _recorder(job["id"], every=10)
+    rec = _recorder(job["id"], every=10, engine=engine)
     rec(P(1, 40, 2.0, 0.1))  # not running yet: nothing written
     _set(engine, job["id"], status="running", worker="w1", attempts=1)
     for step in range(1, 41):
@@ -68,14 +72,13 @@ def test_history_is_recorded_every_n_steps_and_listed(api, engine, monkeypatch) 
     # A later attempt resuming at step 25 replaces the points past it; the old attempt writes nothing.
     _set(engine, job["id"], worker="w2", attempts=2)
     rec(P(40, 40, 0.0, 1.0))
-    second = HistoryRecorder(job_id=job["id"], worker="w2", attempt=2, every_steps=10)
+    second = HistoryRecorder(claim=_claim(job["id"], "w2", 2), every_steps=10, engine=engine)
     second(P(25, 40, 0.5, 0.5, lr=float("nan")))
     items = api.client.get(f"/v1/jobs/{job['id']}/history", headers=api.headers).json()["items"]
     assert [i["step"] for i in items] == [1, 11, 21, 25] and items[-1]["lr"] is None
 
 
-def test_history_is_bounded_for_long_runs(api, engine, monkeypatch) -> None:
-    monkeypatch.setattr("app.db.get_engine", lambda url=None: engine)
+def test_history_is_bounded_for_long_runs() -> None:
     rec = _recorder("j", every=1)
     total = MAX_POINTS * 5
     due = [s for s in range(1, total + 1) if rec._due(s, total) and not rec.__setattr__("last_step", s)]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response, status
+from fastapi import APIRouter, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
-from app.schemas import JobCreate, JobHistoryPublic, JobPublic, JobStatus
+from app.api.deps import PageDep, QueueDep, RuntimeDep, SessionDep, SettingsDep, TenantDep
+from app.jobs.status import JobStatus
+from app.schemas import JobCreate, JobHistoryPublic, JobPublic
 from app.services import history, job_events
 from app.services import jobs as svc
 
@@ -15,9 +16,10 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
 def create_job(
-    body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+    body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
+    queue: QueueDep,
 ) -> JobPublic:
-    job = svc.create_job(session=session, settings=settings, tenant=tenant, body=body)
+    job = svc.create_job(session=session, settings=settings, queue=queue, tenant=tenant, body=body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return svc.to_public(job)
 
@@ -56,11 +58,11 @@ def get_history(job_id: str, session: SessionDep, tenant: TenantDep) -> JobHisto
                      "description": "`event: progress` (job JSON) on each change, `event: end` at the end."}},
 )
 def stream_events(
-    job_id: str, request: Request, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+    job_id: str, session: SessionDep, tenant: TenantDep, runtime: RuntimeDep
 ) -> StreamingResponse:
     """Live progress as server-sent events; closes after the final event."""
     svc.get_job(session=session, tenant=tenant, job_id=job_id)  # 404 before the stream starts
-    stream = job_events.job_events(engine=request.app.state.engine, settings=settings, tenant=tenant,
+    stream = job_events.job_events(engine=runtime.engine, settings=runtime.settings, tenant=tenant,
                                    job_id=job_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
