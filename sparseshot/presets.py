@@ -29,13 +29,14 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # Seconds per step at batch MEASURED_BATCH, by (base architecture, method, device type).
-# Measured on 2 CPU cores (x86_64) with `python -m benchmarks.job_step --threads 2` (standard preset).
+# Measured on 2 shared CPU cores (x86_64) with `python -m benchmarks.job_step --threads 2` (standard
+# preset); the faster of two runs where two were made (other processes loaded the machine).
 MEASURED_BATCH = 32
 STEP_SECONDS: dict[tuple[str, str, str], float] = {
     ("sparseshot-tiny", "so", "cpu"): 0.223,
     ("sparseshot-tiny", "lora", "cpu"): 0.043,
     ("ViT-B-16", "so", "cpu"): 28.6,
-    ("ViT-B-16", "lora", "cpu"): 80.6,
+    ("ViT-B-16", "lora", "cpu"): 57.7,
 }
 # Architecture whose figure stands in for a base without its own (the service's default base).
 FALLBACK_ARCH = "ViT-B-16"
