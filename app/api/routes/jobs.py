@@ -19,6 +19,14 @@ def create_job(
     body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
     queue: QueueDep,
 ) -> JobPublic:
+    """Start a training job.
+
+    Adapts the base model to the dataset with `method` (`so`: sparse optimization, `lora`) and
+    the `preset`'s hyper-parameters (`quick`, `standard` = the paper's recipe, `thorough`),
+    overridden by `params` (unknown keys are refused). Answers 202 with the queued job, its
+    `estimated_seconds` and its `Location`; poll it (or stream `/events`) until `status` is
+    `succeeded` (then `model_id` is set), `failed` or `cancelled`.
+    """
     job = svc.create_job(session=session, settings=settings, queue=queue, tenant=tenant, body=body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return svc.to_public(job)
@@ -31,23 +39,40 @@ def list_jobs(
     page: PageDep,
     status: JobStatus | None = None,
 ) -> list[JobPublic]:
+    """List your jobs.
+
+    Newest first, optionally of one `status`, `limit` per page from `offset`.
+    """
     rows = svc.list_jobs(session=session, tenant=tenant, status=status, limit=page.limit, offset=page.offset)
     return [svc.to_public(j) for j in rows]
 
 
 @router.get("/{job_id}")
 def get_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    """Get a job.
+
+    Status, progress (step, loss, train accuracy, ETA) and, once it succeeded, its `model_id`.
+    """
     return svc.to_public(svc.get_job(session=session, tenant=tenant, job_id=job_id))
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED)
 def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic:
+    """Cancel a job.
+
+    A queued job is cancelled at once; a running one stops at its next step
+    (`cancel_requested` is set until then). Finished jobs answer 409.
+    """
     return svc.to_public(svc.cancel_job(session=session, tenant=tenant, job_id=job_id))
 
 
 @router.get("/{job_id}/history")
 def get_history(job_id: str, session: SessionDep, tenant: TenantDep) -> JobHistoryPublic:
-    """Training curve: loss, train accuracy, lr (and validation accuracy) every few steps."""
+    """Get a job's training history.
+
+    The training curve, by step: loss, train accuracy, learning rate, validation accuracy (when
+    the job has a validation split) and elapsed seconds, recorded every few steps.
+    """
     return history.list_history(session=session, tenant=tenant, job_id=job_id)
 
 
@@ -60,7 +85,11 @@ def get_history(job_id: str, session: SessionDep, tenant: TenantDep) -> JobHisto
 def stream_events(
     job_id: str, session: SessionDep, tenant: TenantDep, runtime: RuntimeDep
 ) -> StreamingResponse:
-    """Live progress as server-sent events; closes after the final event."""
+    """Stream a job's progress.
+
+    Server-sent events: `event: progress` with the job JSON each time it changes, `: keep-alive`
+    comments while nothing does, then `event: end` with the final job, and the stream closes.
+    """
     svc.get_job(session=session, tenant=tenant, job_id=job_id)  # 404 before the stream starts
     stream = job_events.job_events(engine=runtime.engine, settings=runtime.settings, tenant=tenant,
                                    job_id=job_id)
