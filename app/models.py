@@ -167,3 +167,18 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class ObjectPin(Base):
+    """A pending reference to a stored object: written (committed) before the file, so garbage
+    collection keeps the file until the rows that use it are committed (see app.services.objects).
+
+    `pin_id` groups the keys of one upload; a pin whose writer died lapses at `expires_at`.
+    """
+
+    __tablename__ = "object_pins"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    pin_id: Mapped[str] = mapped_column(String(36), index=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

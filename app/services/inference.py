@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.core.config import get_settings
+from app.services import objects
 from app.storage import get_storage
 
 log = logging.getLogger(__name__)
@@ -340,5 +341,5 @@ def create_zeroshot_delta(*, classes: list[str], base_model: str | None = None,
     hparams = {"template": template} if template else {}
     result = sparseshot.adapt(base, [], [], list(classes), method="zeroshot", **hparams)
     delta = result.delta
-    key = get_storage().put(delta.to_bytes())  # atomic, content-addressed
+    key = objects.put_pinned(delta.to_bytes())  # atomic, content-addressed, safe from deletion
     return key, int(delta.nnz), int(delta.nbytes), float(delta.density)

@@ -11,9 +11,10 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge, Unavailable
-from app.models import Image, Job, Model, Tenant
+from app.models import Job, Model, Tenant
 from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, ZeroshotCreate
 from app.services import images as imgcheck
+from app.services import objects
 from app.services.datasets import Upload
 from app.services.jobs import resolve_base_model, validate_params
 from app.storage import LocalStorage
@@ -89,11 +90,7 @@ def delete_model(*, session: Session, storage: LocalStorage, tenant: Tenant, mod
     session.execute(update(Job).where(Job.model_id == model.id).values(model_id=None))
     session.delete(model)
     session.commit()
-    in_use = session.scalar(select(Model.id).where(Model.delta_key == key).limit(1)) or session.scalar(
-        select(Image.id).where(Image.storage_key == key).limit(1)
-    )
-    if in_use is None:
-        storage.delete(key)
+    objects.remove_unreferenced(session=session, storage=storage, keys=[key])
 
 
 def classify(
