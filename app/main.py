@@ -14,6 +14,7 @@ from app.core.config import Settings, get_settings
 from app.db import make_engine
 from app.errors import install_handlers
 from app.metrics import LATENCY, REQUESTS
+from app.middleware import CatchAll, RequestGuard
 from app.storage import get_storage
 
 
@@ -44,6 +45,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.storage = get_storage(settings)
     install_handlers(app)
+    # Added innermost first: observe -> CatchAll -> RequestGuard -> FastAPI's exception handling.
+    app.add_middleware(RequestGuard, settings=settings, engine=engine)
+    app.add_middleware(CatchAll)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

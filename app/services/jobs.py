@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound, Unavailable
 from app.models import Job, Tenant, utcnow
 from app.schemas import JobCreate, JobProgress, JobPublic, JobStatus
 from app.services.datasets import get_dataset, image_counts
@@ -38,7 +38,8 @@ def validate_params(method: str, params: dict) -> dict:
 
 
 def create_job(*, session: Session, settings: Settings, tenant: Tenant, body: JobCreate) -> Job:
-    """Check the dataset and params, commit the queued job, then hand it to the queue.
+    """Check the dataset and params, commit the queued job, then hand it to the queue (503 and no
+    job when the queue cannot take it).
 
     A dataset qualifies when it has images and every class has at least one. The product is
     built for 1-16 images per class; more are accepted (training simply sees them all).
@@ -62,19 +63,18 @@ def create_job(*, session: Session, settings: Settings, tenant: Tenant, body: Jo
 
 
 def _enqueue(session: Session, job: Job) -> None:
+    """Hand the committed job to the queue. When the broker cannot take it, the job row is deleted
+    again (nothing half-written stays visible) and the client is told to retry (503)."""
     from worker.dispatch import enqueue_training
 
     try:
         enqueue_training(job.id)
     except Exception as e:
         log.exception("could not enqueue job %s", job.id)
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == "queued")
-            .values(status="failed", error=f"could not enqueue: {e}", finished_at=utcnow())
-        )
+        session.execute(delete(Job).where(Job.id == job.id, Job.status == "queued"))
         session.commit()
-        session.refresh(job)
+        raise Unavailable("the job queue is unavailable; the job was not created, retry shortly",
+                          retry_after_s=10) from e
 
 
 def get_job(*, session: Session, tenant: Tenant, job_id: str) -> Job:

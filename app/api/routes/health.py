@@ -45,13 +45,12 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(request: Request) -> JSONResponse:
-    checks = {
-        "database": db.ping(request.app.state.engine),
-        "broker": _broker_ready(),
-        "base_model": _base_ready(),
-    }
+    db_error = db.check(request.app.state.engine)
+    checks = {"database": db_error is None, "broker": _broker_ready(), "base_model": _base_ready()}
+    reasons = {"database": db_error} if db_error else {}
+    reasons.update({k: "not ready" for k, ok in checks.items() if not ok and k not in reasons})
     ok = all(checks.values())
-    body = Readiness(status="ready" if ok else "not ready", checks=checks)
+    body = Readiness(status="ready" if ok else "not ready", checks=checks, reasons=reasons)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
