@@ -8,7 +8,6 @@ cancelled or running elsewhere is dropped.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import socket
@@ -241,8 +240,9 @@ class JobError(Exception):
 
 
 def _load_examples(claim: Claim) -> tuple[list[str], list[Any], list[int]]:
-    """The dataset's classes, its images (RGB PIL) and their label indices."""
-    from PIL import Image as PILImage
+    """The dataset's classes, its images (RGB PIL, shorter side at most the model's input size:
+    the training crops are resized to it anyway) and their label indices."""
+    from app.services.images import Rejected, decode_stored
 
     if claim.dataset_id is None:
         raise JobError("the dataset was deleted")
@@ -258,13 +258,16 @@ def _load_examples(claim: Claim) -> tuple[list[str], list[Any], list[int]]:
     if not rows:
         raise JobError("the dataset has no images")
     storage = get_storage()
+    side, max_pixels = get_base(claim.base_model).image_size, get_settings().max_image_pixels
     index = {c: i for i, c in enumerate(classes)}
     images, labels = [], []
     for key, label in rows:
         if label not in index:
             raise JobError(f"image label {label!r} is not a class of the dataset")
-        with PILImage.open(io.BytesIO(storage.get(key))) as im:
-            images.append(im.convert("RGB"))
+        try:  # one at a time, reduced before the next is read
+            images.append(decode_stored(storage.get(key), side, max_pixels))
+        except Rejected as e:
+            raise JobError(f"a stored image cannot be read: {e.detail}") from e
         labels.append(index[label])
     return classes, images, labels
 

@@ -144,9 +144,16 @@ def decode_rgb(data: bytes, settings: Settings, side: int | None = None) -> Imag
     JPEG decodes straight at a reduced scale (draft mode); other formats decode once, are reduced,
     and the full-size pixels are dropped before the next image is read.
     """
-    side = side or settings.image_decode_side
     _check_bytes(data, settings)
-    im = _open(data, settings.max_image_pixels)
+    return _reduced_rgb(_open(data, settings.max_image_pixels), side or settings.image_decode_side)
+
+
+def decode_stored(data: bytes, side: int, max_pixels: int) -> Image.Image:
+    """An image that was checked when it was stored, decoded to RGB at `side` (training)."""
+    return _reduced_rgb(_open(data, max_pixels), side)
+
+
+def _reduced_rgb(im: Image.Image, side: int) -> Image.Image:
     if im.format == "JPEG":
         im.draft("RGB", (side, side))  # smallest DCT scale that keeps both sides >= side
     _load(im)
