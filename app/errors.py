@@ -157,9 +157,24 @@ async def _on_http(req: Request, exc: Exception) -> JSONResponse:
         # The multipart parser's own cap (1000 parts): the request is too large, not malformed.
         limit = req.app.state.settings.max_files_per_request
         return _render(TooLarge(f"{detail.rstrip('.')}; this service takes at most {limit} files"))
+    headers = dict(getattr(exc, "headers", None) or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(_allowed_methods(req))
     slug = {404: "not-found", 405: "method-not-allowed", 401: "unauthorized"}.get(exc.status_code, "http")
     title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
-    return problem_response(exc.status_code, title, detail, slug=slug, headers=getattr(exc, "headers", None))
+    return problem_response(exc.status_code, title, detail, slug=slug, headers=headers or None)
+
+
+def _allowed_methods(req: Request) -> list[str]:
+    """Every method of every route on this path (Starlette's own Allow names only one route's)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in req.app.routes:
+        match, _ = route.matches({**req.scope, "method": "GET"}) if hasattr(route, "matches") else (None, {})
+        if match in (Match.FULL, Match.PARTIAL):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 def _render(p: Problem) -> JSONResponse:

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 
 from app import __doc__ as app_doc
+from app.api.responses import install_openapi
 from app.api.routes import datasets, health, jobs, models
 from app.core.config import Settings, get_settings
 from app.db import make_engine
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.storage = get_storage(settings)
     install_handlers(app)
+    install_openapi(app)
     # Added innermost first: observe -> CatchAll -> RequestGuard -> FastAPI's exception handling.
     app.add_middleware(RequestGuard, settings=settings, engine=engine)
     app.add_middleware(CatchAll)

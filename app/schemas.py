@@ -15,7 +15,8 @@ MAX_NAME_CHARS = 200
 # least one character that is not whitespace. The same rule is in the OpenAPI schema (`pattern`),
 # and the length limit applies to the text as sent; it is then stripped and NFC-normalised.
 NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
-TEXT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*$"  # free text: no control characters
+# A prompt template: exactly one "{}" (where the class name goes), no other braces, no controls.
+TEMPLATE_PATTERN = r"^[^{}\x00-\x1f\x7f-\x9f]*\{\}[^{}\x00-\x1f\x7f-\x9f]*$"
 
 
 def clean_name(value: str) -> str:
@@ -128,7 +129,8 @@ class ZeroshotCreate(Strict):
     classes: ClassList
     base_model: str | None = None
     template: str | None = Field(
-        default=None, max_length=500, pattern=TEXT_PATTERN, description="Prompt with '{}' for the class name."
+        default=None, max_length=500, pattern=TEMPLATE_PATTERN,
+        description="Prompt with one '{}' for the class name."
     )
 
     _check_unique = field_validator("classes")(_unique)

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, TenantDep
+from app.api.responses import problem_responses
 from app.schemas import JobCreate, JobPublic, JobStatus
 from app.services import jobs as svc
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses())
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED)
