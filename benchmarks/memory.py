@@ -270,7 +270,8 @@ def case_worker10(tmp: Path) -> dict[str, Any]:
                             method="so", base_model="sparseshot-tiny:random", params={})
         tasks.get_base(claim.base_model)  # loaded before the measurement (as in a running worker)
         held: list[Any] = []
-        return lambda: held.append(tasks._load_examples(claim)) or len(held[0][1])
+        load = getattr(tasks, "_load_examples", None) or tasks.load_examples  # renamed on some branches
+        return lambda: held.append(load(claim)) or len(held[0][1])
 
     return _measure(prepare)
 
