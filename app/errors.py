@@ -155,7 +155,7 @@ async def _on_http(req: Request, exc: Exception) -> JSONResponse:
     detail = str(exc.detail)
     if exc.status_code == 400 and detail.startswith(("Too many files", "Too many fields")):
         # The multipart parser's own cap (1000 parts): the request is too large, not malformed.
-        limit = req.app.state.settings.max_files_per_request
+        limit = req.app.state.runtime.settings.max_files_per_request
         return _render(TooLarge(f"{detail.rstrip('.')}; this service takes at most {limit} files"))
     headers = dict(getattr(exc, "headers", None) or {})
     if exc.status_code == 405:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from app.jobs.status import JobStatus
+
 MAX_NAME_CHARS = 200
 # A name: no control characters (C0, DEL, C1; NUL cannot even be stored by PostgreSQL) and at
 # least one character that is not whitespace. The same rule is in the OpenAPI schema (`pattern`),
@@ -45,7 +47,6 @@ ClassList = Annotated[
     list[ClassName], Field(min_length=2, json_schema_extra={"uniqueItems": True},
                            description="At least two distinct class names.")
 ]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -55,11 +56,15 @@ def _unique(classes: list[str]) -> list[str]:
     return classes
 
 
-class Strict(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are refused (422), never silently ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DatasetCreate(Strict):
+class DatasetCreate(RequestBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "pets", "classes": ["cat", "dog"]}]})
+
     name: Name
     classes: ClassList
 
@@ -93,7 +98,33 @@ class ImagesAdded(BaseModel):
     rejected: list[ImageRejected]
 
 
-class JobCreate(Strict):
+class ImagePublic(BaseModel):
+    image_id: str
+    filename: str = Field(description="The client's file name at upload (reports only).")
+    label: str
+    width: int
+    height: int
+    created_at: datetime
+    thumbnail_url: str = Field(description="A small JPEG of the image (authenticated like every call).")
+
+
+class ImagePatch(RequestBody):
+    label: ClassName = Field(description="The new class: one of the dataset's classes.")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"label": "dog"}]})
+
+
+class JobCreate(RequestBody):
+    # Works as sent once `dataset_id` names one of your datasets (a short run: quick on a CPU).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10", "method": "so",
+                 "params": {"n_iters": 50, "lr": 0.01}},
+            ]
+        }
+    )  # fmt: skip
+
     dataset_id: str
     method: Literal["so", "lora"] = "so"
     base_model: str | None = None
@@ -125,7 +156,11 @@ class JobPublic(BaseModel):
     finished_at: datetime | None = None
 
 
-class ZeroshotCreate(Strict):
+class ZeroshotCreate(RequestBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"classes": ["cat", "dog"], "template": "a photo of a {}."}]}
+    )
+
     classes: ClassList
     base_model: str | None = None
     template: str | None = Field(

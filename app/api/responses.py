@@ -73,7 +73,7 @@ def _is_problem(content: dict[str, Any]) -> bool:
 def _document_choices(spec: dict[str, Any], app: FastAPI) -> None:
     """What the models cannot say: the base models served here, and an upload's two forms
     (`files` with `label`, or one `archive`)."""
-    settings = app.state.settings
+    settings = app.state.runtime.settings
     served = {"type": "string", "enum": [settings.base_model, *settings.allowed_base_models]}
     schemas = spec.get("components", {}).get("schemas", {})
     for name in ("JobCreate", "ZeroshotCreate"):

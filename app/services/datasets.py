@@ -14,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound, TooLarge
+from app.jobs.status import ACTIVE
 from app.metrics import IMAGES_REJECTED
-from app.models import ACTIVE_JOB_STATUSES, Dataset, Image, Job, Tenant, new_id
+from app.models import Dataset, Image, Job, Tenant, new_id
 from app.schemas import (
     DatasetCreate,
     DatasetPublic,
@@ -27,7 +28,7 @@ from app.schemas import (
 )
 from app.services import images as imgcheck
 from app.services import objects
-from app.storage import LocalStorage
+from app.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class _Batch:
     rows committed (and the pins released) at the end. See app.services.objects."""
 
     session: Session
-    storage: LocalStorage
+    storage: Storage
     rows: dict[str, tuple[str, Image]] = field(default_factory=dict)  # sha256 -> (filename, row)
     pending: list[tuple[str, bytes]] = field(default_factory=list)
     pending_bytes: int = 0
@@ -158,7 +159,7 @@ class _Batch:
 def add_images(
     *,
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: Tenant,
     dataset_id: str,
@@ -326,18 +327,23 @@ def _existing(session: Session, dataset_id: str, shas: list[str]) -> dict[str, s
     return {sha: image_id for sha, image_id in rows}
 
 
-def delete_dataset(*, session: Session, storage: LocalStorage, tenant: Tenant, dataset_id: str) -> None:
+def ensure_idle(*, session: Session, dataset: Dataset) -> None:
+    """Conflict (409) while a queued or running job trains on the dataset: its images must not change."""
+    active = session.scalar(
+        select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_([s.value for s in ACTIVE]))
+    )
+    if active:
+        raise Conflict(f"dataset {dataset.id} has {active} queued or running job(s); cancel them first")
+
+
+def delete_dataset(*, session: Session, storage: Storage, tenant: Tenant, dataset_id: str) -> None:
     """Delete a dataset, its image rows and the files no other row (or pending upload) uses.
 
     Refused (409) while a queued or running job trains on it: cancel those jobs first.
     Finished jobs keep their record with `dataset_id` set to null.
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
-    active = session.scalar(
-        select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE_JOB_STATUSES))
-    )
-    if active:
-        raise Conflict(f"dataset {dataset.id} has {active} queued or running job(s); cancel them first")
+    ensure_idle(session=session, dataset=dataset)
     keys = list(session.scalars(select(Image.storage_key).where(Image.dataset_id == dataset.id)))
     session.execute(update(Job).where(Job.dataset_id == dataset.id).values(dataset_id=None))
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))

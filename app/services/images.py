@@ -55,12 +55,15 @@ warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 MAX_ASPECT = 8  # reduced images keep at most this ratio of long to short side (centre kept)
 
 
-def set_pillow_limit(max_pixels: int) -> None:
-    """Pillow's own decompression-bomb limit from our setting (its default, 89.5 M, would cap ours).
+_PILLOW_DEFAULT_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
-    Pillow warns above the limit (ignored: `_open` refuses those itself) and raises above twice it.
+
+def set_pillow_limit(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit to our setting when it is higher (Pillow's
+    default, 89.5 M, would otherwise cap it). A lower setting is enforced by `_open` on the header;
+    Pillow keeps its default for the code that opens images without us (thumbnails of stored files).
     """
-    Image.MAX_IMAGE_PIXELS = max_pixels
+    Image.MAX_IMAGE_PIXELS = max(max_pixels, _PILLOW_DEFAULT_PIXELS)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import get_settings
 from app.models import Image, Model, ObjectPin, new_id, utcnow
-from app.storage import LocalStorage
+from app.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def unpin(*, session: Session, pin_id: str) -> None:
     session.execute(delete(ObjectPin).where(ObjectPin.pin_id == pin_id))
 
 
-def put(*, session: Session, storage: LocalStorage, data: bytes, ttl_s: float | None = None) -> str:
+def put(*, session: Session, storage: Storage, data: bytes, ttl_s: float | None = None) -> str:
     """Store bytes under a pin that lapses after the TTL (for writers that cannot unpin with
     their row commit); returns the key."""
     key = hashlib.sha256(data).hexdigest()
@@ -79,11 +79,18 @@ def put(*, session: Session, storage: LocalStorage, data: bytes, ttl_s: float | 
 
 def put_pinned(data: bytes) -> str:
     """`put` with the process's database and storage (the serving path's writer)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
     from app.db import get_engine
     from app.storage import get_storage
 
+    storage = get_storage()
     with Session(bind=get_engine()) as session:
-        return put(session=session, storage=get_storage(), data=data)
+        try:
+            return put(session=session, storage=storage, data=data)
+        except SQLAlchemyError as e:  # the row commit that follows fails too when the database is down
+            log.warning("stored object written without a pin (database: %s)", e)
+            return storage.put(data)
 
 
 def _used(session: Session, keys: set[str]) -> set[str]:
@@ -99,7 +106,7 @@ def _used(session: Session, keys: set[str]) -> set[str]:
     return used
 
 
-def remove_unreferenced(*, session: Session, storage: LocalStorage, keys: Iterable[str]) -> int:
+def remove_unreferenced(*, session: Session, storage: Storage, keys: Iterable[str]) -> int:
     """Delete the stored files among `keys` (and of lapsed pins) that nothing refers to.
 
     Best effort: a file that cannot be removed stays (garbage, never a lost reference). Returns the

@@ -22,9 +22,9 @@ from app.storage import LocalStorage
 
 
 @pytest.fixture
-def server(settings: Settings, enqueued: list[str]) -> Iterator[tuple[str, int]]:
+def server(settings: Settings, queue) -> Iterator[tuple[str, int]]:
     """The app under a real uvicorn on a free loopback port: (host, port)."""
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_level="warning")
+    config = uvicorn.Config(create_app(settings, queue=queue), host="127.0.0.1", port=0, log_level="warning")
     srv = uvicorn.Server(config)
     t = threading.Thread(target=srv.run, daemon=True)
     t.start()

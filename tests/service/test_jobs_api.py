@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-import worker.dispatch
 from app.models import Job
+from tests.fakes import RecordingQueue
 
 
 def _set_status(engine, job_id: str, **values) -> None:
@@ -51,13 +50,11 @@ def test_job_needs_images_in_every_class(api, enqueued: list[str]) -> None:
     assert enqueued == []
 
 
-def test_broker_down_at_submit_is_503_and_leaves_no_job(api, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_broker_down_at_submit_is_503_and_leaves_no_job(api, queue: RecordingQueue) -> None:
     from kombu.exceptions import OperationalError
 
-    def broken(job_id: str) -> None:  # what kombu raises when Redis refuses the connection
-        raise OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
-
-    monkeypatch.setattr(worker.dispatch, "enqueue_training", broken)
+    # What kombu raises when Redis refuses the connection.
+    queue.fail = OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
     ds = api.ready_dataset()
     body = api.problem(api.job(ds["id"]), 503)
     assert "not created" in body["detail"]
