@@ -270,10 +270,19 @@ def case_worker10(tmp: Path) -> dict[str, Any]:
                             method="so", base_model="sparseshot-tiny:random", params={})
         tasks.get_base(claim.base_model)  # loaded before the measurement (as in a running worker)
         held: list[Any] = []
-        load = getattr(tasks, "_load_examples", None) or tasks.load_examples  # renamed on some branches
-        return lambda: held.append(load(claim)) or len(held[0][1])
+        return lambda: held.append(_load_examples(tasks, claim)) or len(held[0][1])
 
     return _measure(prepare)
+
+
+def _load_examples(tasks: Any, claim: Any) -> Any:
+    """The worker's loading function (older trees: tasks._load_examples(claim))."""
+    if hasattr(tasks, "_load_examples"):
+        return tasks._load_examples(claim)
+    from app.core.config import get_settings
+    from app.runtime import Runtime
+
+    return tasks.load_examples(claim, Runtime.build(get_settings()))
 
 
 def _one(name: str) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """schemathesis (`--checks all`) against a live loopback server with a valid key, bounded to a few
 examples per operation (`bash scripts/schemathesis.sh` is the full run).
 
-The one kind of failure allowed: a request the schema allows whose uploaded *content* is refused
-(422: not an image, not a zip) on the two upload operations - file contents are beyond what an
-OpenAPI schema can describe. Anything else (a 5xx, an undocumented status or content type, a
-schema-valid JSON body refused, a wrong Allow header...) fails this test.
+The one kind of failure allowed: a schema-valid request refused for what a schema cannot say -
+uploaded *content* that is not an image or a zip (the two upload operations), and a `label`
+filter that is not one of that dataset's classes (the image listing). Anything else (a 5xx, an
+undocumented status or content type, a schema-valid JSON body refused, a wrong Allow header...)
+fails this test.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CONTENT_OPERATIONS = {"POST /v1/datasets/{dataset_id}/images", "POST /v1/models/{model_id}/classify"}
+CONTENT_OPERATIONS = {"POST /v1/datasets/{dataset_id}/images", "POST /v1/models/{model_id}/classify",
+                      "GET /v1/datasets/{dataset_id}/images"}
 
 
 @pytest.mark.slow
