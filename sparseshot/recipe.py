@@ -49,6 +49,7 @@ __all__ = [
     "Progress",
     "adapt",
     "hparam_defaults",
+    "planned_steps",
     "trainable_weights",
     "validate_hparams",
 ]
@@ -126,6 +127,17 @@ def hparam_defaults(method: str) -> dict[str, Any]:
     if method not in _DEFAULTS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return copy.deepcopy(_DEFAULTS[method])
+
+
+def planned_steps(hparams: Mapping[str, Any], n_images: int, n_classes: int) -> int:
+    """The training steps `adapt` plans: n_iters x shots, shots = round(N / classes), at least 1.
+
+    0 for zero-shot (no training). `hparams` as merged by `validate_hparams`.
+    """
+    if "n_iters" not in hparams:
+        return 0
+    shots = max(1, round(n_images / max(1, n_classes)))
+    return int(hparams["n_iters"]) * shots
 
 
 def _is_int(v: Any) -> bool:
@@ -368,7 +380,7 @@ class _Run:
         self.device = torch.device(base.device)
         n, c = len(images), len(classes)
         self.shots = max(1, round(n / c))
-        self.total_steps = hp["n_iters"] * self.shots
+        self.total_steps = planned_steps(hp, n, c)
         self.batch = min(hp["batch_size"], n)
         self.steps_per_epoch = math.ceil(n / self.batch)
         self.labels_t = torch.tensor(labels, dtype=torch.long)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -9,6 +10,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound, TooLarge
 from app.jobs.status import ACTIVE
@@ -109,6 +111,8 @@ def add_images(
     good ones are kept; when nothing is added and some file was invalid the request fails (422).
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    quotas.check_images(session=session, tenant=tenant, settings=settings, dataset=dataset, adding=1,
+                        lock=False)  # already full: refused before any decoding
     report = _Report()
     if files and archive is not None:
         raise InvalidInput("send either 'files' (with 'label') or one 'archive', not both")
@@ -118,7 +122,9 @@ def add_images(
         candidates = _from_files(files, label, dataset, settings, report)
     else:
         raise InvalidInput("no images: send one or more 'files' with a 'label', or one .zip 'archive'")
-    _store(session=session, storage=storage, dataset=dataset, candidates=candidates, report=report)
+    _store(session=session, storage=storage, dataset=dataset, candidates=candidates, report=report,
+           quota=lambda n: quotas.check_images(session=session, tenant=tenant, settings=settings,
+                                               dataset=dataset, adding=n))
     invalid = [r for r in report.rejected if r.duplicate_of is None]
     if not report.added and invalid:
         raise InvalidInput(
@@ -180,6 +186,7 @@ def _store(
     dataset: Dataset,
     candidates: list[_Candidate],
     report: _Report,
+    quota: Callable[[int], None] = lambda n: None,
     attempts: int = 3,
 ) -> None:
     """Write files first (atomic, content-addressed), then commit all rows in one transaction.
@@ -193,6 +200,7 @@ def _store(
         try:
             for c, _row in added.values():
                 storage.put(c.image.data)
+            quota(len(added))  # counted under the tenant lock, held until the commit
             session.add_all(row for _c, row in added.values())
             session.commit()
             break

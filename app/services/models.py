@@ -9,6 +9,7 @@ from pathlib import Path
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.core.config import Settings
 from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge, Unavailable
 from app.models import Image, Job, Model, Tenant
@@ -42,10 +43,12 @@ def create_zeroshot(*, session: Session, settings: Settings, tenant: Tenant, bod
     # The recipe's check and default, so the model row records the template actually used.
     template = validate_params("zeroshot", {"template": body.template} if body.template else {})["template"]
     base_model = resolve_base_model(body.base_model, settings)
+    quotas.check_new_model(session=session, tenant=tenant, settings=settings, lock=False)  # before the work
     with _serving_errors(None):
         key, nnz, nbytes, density = inference.create_zeroshot_delta(
             classes=list(body.classes), base_model=base_model, template=template
         )
+    quotas.check_new_model(session=session, tenant=tenant, settings=settings)  # locks until the commit
     model = Model(
         tenant_id=tenant.id, classes=list(body.classes), base_model=base_model, method="zeroshot",
         template=template, delta_key=key, nnz=nnz, nbytes=nbytes, density=density, metrics={},
