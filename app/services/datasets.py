@@ -263,6 +263,15 @@ def _remove_unreferenced(*, session: Session, storage: Storage, keys: list[str])
             pass
 
 
+def ensure_idle(*, session: Session, dataset: Dataset) -> None:
+    """Conflict (409) while a queued or running job trains on the dataset: its images must not change."""
+    active = session.scalar(
+        select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_([s.value for s in ACTIVE]))
+    )
+    if active:
+        raise Conflict(f"dataset {dataset.id} has {active} queued or running job(s); cancel them first")
+
+
 def delete_dataset(*, session: Session, storage: Storage, tenant: Tenant, dataset_id: str) -> None:
     """Delete a dataset, its image rows and the files no other row uses.
 
@@ -270,11 +279,7 @@ def delete_dataset(*, session: Session, storage: Storage, tenant: Tenant, datase
     Finished jobs keep their record with `dataset_id` set to null.
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
-    active = session.scalar(
-        select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_([s.value for s in ACTIVE]))
-    )
-    if active:
-        raise Conflict(f"dataset {dataset.id} has {active} queued or running job(s); cancel them first")
+    ensure_idle(session=session, dataset=dataset)
     keys = list(session.scalars(select(Image.storage_key).where(Image.dataset_id == dataset.id)))
     session.execute(update(Job).where(Job.dataset_id == dataset.id).values(dataset_id=None))
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))

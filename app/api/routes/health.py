@@ -41,11 +41,19 @@ def _base_ready() -> bool:
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
+    """Liveness.
+
+    `{"status": "ok"}` while the process answers.
+    """
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
 def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Readiness.
+
+    200 when the database, the broker and the base model are usable, else 503 with each check.
+    """
     checks = {
         "database": db.ping(runtime.engine),
         "broker": _broker_ready(runtime.queue),
