@@ -30,7 +30,7 @@ from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
-CLAIM_TRIES = 8  # fair picks lost to other workers before giving the message up
+CLAIM_TRIES = 32  # fair picks lost to other workers before giving the message up (the sweep re-sends)
 
 
 def worker_id() -> str:
