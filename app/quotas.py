@@ -99,7 +99,10 @@ def check_steps(*, tenant: Tenant, settings: Settings, hparams: Mapping[str, Any
     """The job's planned steps; QuotaExceeded over max_steps_per_job (no lock: nothing counted)."""
     from sparseshot.recipe import planned_steps  # torch: only where a job is checked
 
-    steps = planned_steps(hparams, n_images, n_classes)
+    if "n_iters" not in hparams:  # zero-shot: no training
+        return 0
+    # Only the step count is used (the batch size does not change it).
+    _shots, steps, _batch = planned_steps({"batch_size": 1, **hparams}, n_images, n_classes)
     value = limit_of(tenant, "max_steps_per_job", settings)
     if steps > value:
         raise _refuse("max_steps_per_job", value, steps,

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from app.jobs.status import JobStatus
 
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+PresetName = Literal["quick", "standard", "thorough"]  # = sparseshot.presets.PRESETS (a test checks)
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -83,7 +84,7 @@ class JobCreate(RequestBody):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10", "method": "so",
+                {"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10", "method": "so", "preset": "quick",
                  "params": {"n_iters": 50, "lr": 0.01}},
             ]
         }
@@ -92,6 +93,11 @@ class JobCreate(RequestBody):
     dataset_id: str
     method: Literal["so", "lora"] = "so"
     base_model: str | None = None
+    preset: PresetName = Field(
+        default="standard",
+        description="Named hyperparameters (quick / standard = the paper's recipe / thorough); "
+        "`params` override its values.",
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -109,6 +115,14 @@ class JobPublic(BaseModel):
     method: str
     base_model: str
     params: dict[str, Any]
+    preset: str | None = None
+    estimated_seconds: float | None = Field(
+        default=None,
+        description="Planned steps x the measured step time of this base and method on the worker's "
+        "device, at creation (null: no measured figure); `progress.eta_seconds` follows the run.",
+    )
+    device: str | None = Field(default=None, description="Device of the latest training attempt.")
+    versions: dict[str, str] | None = Field(default=None, description="Library versions it trained with.")
     status: JobStatus
     cancel_requested: bool
     progress: JobProgress
@@ -118,6 +132,19 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class HistoryPoint(BaseModel):
+    step: int
+    loss: float | None
+    train_accuracy: float | None
+    lr: float | None
+    val_accuracy: float | None
+    elapsed_s: float | None
+
+
+class JobHistoryPublic(BaseModel):
+    items: list[HistoryPoint]
 
 
 class ZeroshotCreate(RequestBody):

@@ -106,6 +106,8 @@ class Progress:
     loss: float  # mean loss over the current epoch so far
     train_accuracy: float  # accuracy on the augmented batches of the current epoch so far
     eta_seconds: float  # estimated seconds left for the planned steps
+    lr: float | None = None  # learning rate of the step just taken (first param group)
+    elapsed_seconds: float | None = None  # training seconds so far (across resumes)
 
 
 @dataclass
@@ -129,15 +131,10 @@ def hparam_defaults(method: str) -> dict[str, Any]:
     return copy.deepcopy(_DEFAULTS[method])
 
 
-def planned_steps(hparams: Mapping[str, Any], n_images: int, n_classes: int) -> int:
-    """The training steps `adapt` plans: n_iters x shots, shots = round(N / classes), at least 1.
-
-    0 for zero-shot (no training). `hparams` as merged by `validate_hparams`.
-    """
-    if "n_iters" not in hparams:
-        return 0
+def planned_steps(hparams: Mapping[str, Any], n_images: int, n_classes: int) -> tuple[int, int, int]:
+    """(shots, total steps, batch) of a run: shots = round(N / C) >= 1, n_iters steps per shot."""
     shots = max(1, round(n_images / max(1, n_classes)))
-    return int(hparams["n_iters"]) * shots
+    return shots, int(hparams["n_iters"]) * shots, min(int(hparams["batch_size"]), max(1, n_images))
 
 
 def _is_int(v: Any) -> bool:
@@ -378,10 +375,8 @@ class _Run:
         self.on_progress, self.should_stop = on_progress, should_stop
         self.checkpoint = os.fspath(checkpoint) if checkpoint is not None else None
         self.device = torch.device(base.device)
-        n, c = len(images), len(classes)
-        self.shots = max(1, round(n / c))
-        self.total_steps = planned_steps(hp, n, c)
-        self.batch = min(hp["batch_size"], n)
+        n = len(images)
+        self.shots, self.total_steps, self.batch = planned_steps(hp, n, len(classes))
         self.steps_per_epoch = math.ceil(n / self.batch)
         self.labels_t = torch.tensor(labels, dtype=torch.long)
 
@@ -528,7 +523,8 @@ class _Run:
         loss = sum(self.epoch_loss) / max(1, len(self.epoch_loss))
         acc = self.epoch_correct / max(1, self.epoch_seen)
         eta = max(0.0, rate * (self.total_steps - self.step))
-        return Progress(self.step, self.total_steps, loss, acc, eta)
+        lr = float(self.opt.param_groups[0]["lr"])
+        return Progress(self.step, self.total_steps, loss, acc, eta, lr, elapsed)
 
     # ---- result ------------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from app.jobs import lifecycle
 from app.jobs.lifecycle import Claim, JobStatus
 from app.models import Model, utcnow
 from app.runtime import Runtime
+from app.services import history
 from app.storage import get_storage
 from worker import context
 from worker.celery_app import TRAIN_TASK
@@ -162,6 +163,7 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
     try:
         classes, images, labels = load_examples(claim, runtime)
         base = get_base(claim.base_model)
+        history.record_environment(claim=claim, device=getattr(base, "device", None), engine=runtime.engine)
         if watcher.should_stop():
             raise sparseshot.Cancelled()
         result = sparseshot.adapt(

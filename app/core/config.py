@@ -48,11 +48,16 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, gt=0)
     recovery_interval_s: float = Field(default=30.0, gt=0)
+    history_every_steps: int = Field(default=10, gt=0)  # a training-history point every N steps
+    events_poll_s: float = Field(default=0.5, gt=0)  # SSE /events: how often the job row is read
+    events_heartbeat_s: float = Field(default=15.0, gt=0)  # SSE comment line when nothing changed
+    events_max_s: float = Field(default=3600.0, gt=0)  # an SSE stream closes after this (reconnect)
 
     # Per-tenant limits (app/quotas.py); a tenant row's non-null column of the same name overrides.
     max_running_jobs: int = Field(default=4, ge=0)  # trainings at once; more wait queued
     max_queued_jobs: int = Field(default=50, ge=0)  # waiting jobs; a submit over it answers 429
-    max_steps_per_job: int = Field(default=50_000, ge=1)  # n_iters x shots, the recipe's step count
+    # n_iters x shots, the recipe's step count (the thorough preset at 16 shots: 64,000)
+    max_steps_per_job: int = Field(default=100_000, ge=1)
     max_images_per_dataset: int = Field(default=10_000, ge=0)
     max_models: int = Field(default=1000, ge=0)  # models plus jobs that will create one
 
