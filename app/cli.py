@@ -1,4 +1,4 @@
-"""The `sparseshot` command: serve, worker, migrate, keys, bench; and, over the HTTP API through
+"""The `sparseshot` command: serve, worker, migrate, keys, tenants, bench; and, over the HTTP API through
 `sparseshot.client`: datasets, train, jobs, classify, models, demo.
 
 This is where the processes are assembled, so it is the one module of `app/` that imports
@@ -133,6 +133,36 @@ def cmd_keys(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             print(f"revoked key {row.id}")
+    return 0
+
+
+def _limit_value(text: str) -> int | None:
+    # `--max-... N` sets the tenant's own value; `default` clears it (back to the setting).
+    if text.strip().lower() == "default":
+        return None
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"a limit is >= 0 or 'default', not {text}")
+    return value
+
+
+def cmd_tenants(args: argparse.Namespace) -> int:
+    """`tenants set-limits`: set or clear a tenant's own limits, then print the effective ones."""
+    from app import quotas
+    from app.db import session_scope
+
+    values = {name: getattr(args, name) for name in quotas.LIMITS if hasattr(args, name)}
+    settings = _settings()
+    with session_scope() as session:
+        try:
+            tenant = quotas.set_limits(session=session, tenant_name=args.tenant, values=values)
+        except LookupError as e:
+            print(f"error: {e.args[0]}", file=sys.stderr)
+            return 1
+        effective = quotas.limits_of(tenant, settings)
+        for name in quotas.LIMITS:
+            own = getattr(tenant, name)
+            print(f"{name:24} {effective[name]:>10}  {'(tenant)' if own is not None else '(default)'}")
     return 0
 
 
@@ -428,6 +458,17 @@ def build_parser() -> argparse.ArgumentParser:
     kr = ks.add_parser("revoke", help="revoke a key by id or prefix")
     kr.add_argument("key_id")
     k.set_defaults(func=cmd_keys)
+
+    t = sub.add_parser("tenants", help="per-tenant limits")
+    ts = t.add_subparsers(dest="tenants_cmd", required=True)
+    tl = ts.add_parser("set-limits", help="set (N) or clear ('default') a tenant's own limits; "
+                       "prints the effective limits")
+    tl.add_argument("--tenant", required=True)
+    for name in ("max_running_jobs", "max_queued_jobs", "max_steps_per_job", "max_images_per_dataset",
+                 "max_models"):  # app.quotas.LIMITS (not imported here: --help stays fast)
+        tl.add_argument("--" + name.replace("_", "-"), dest=name, type=_limit_value,
+                        default=argparse.SUPPRESS, metavar="N|default")
+    t.set_defaults(func=cmd_tenants)
 
     # Listed for --help; main() hands `bench ...` to the benchmark's own parser.
     names = ",".join(BENCHES)

@@ -65,6 +65,15 @@ class Unauthorized(Problem):
         super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
 
 
+class QuotaExceeded(Problem):
+    """A per-tenant limit (app/quotas.py): the body names it, its value and the current usage."""
+
+    status, title, slug = 429, "Quota exceeded", "quota-exceeded"
+
+    def __init__(self, detail: str, *, limit: str, value: int, current: int) -> None:
+        super().__init__(detail, extra={"limit": limit, "value": value, "current": current})
+
+
 class Unavailable(Problem):
     status, title, slug = 503, "Service unavailable", "unavailable"
 

@@ -70,6 +70,12 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Per-tenant limits (app/quotas.py): NULL = the Settings field of the same name.
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_queued_jobs: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_steps_per_job: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_images_per_dataset: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_models: Mapped[int | None] = mapped_column(Integer, default=None)
 
 
 class ApiKey(Base):
@@ -141,7 +147,11 @@ class Model(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_tenant_status", "tenant_id", "status"),)
+    __table_args__ = (
+        Index("ix_jobs_tenant_status", "tenant_id", "status"),
+        # A tenant's last start, for fair scheduling (app.jobs.lifecycle.claim_next).
+        Index("ix_jobs_tenant_started", "tenant_id", "started_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)

@@ -6,9 +6,11 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 
+from app import quotas
 from app.db import session_scope
+from app.errors import QuotaExceeded
 from app.jobs.lifecycle import Claim
-from app.models import Dataset, Image
+from app.models import Dataset, Image, Tenant
 from app.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -37,6 +39,9 @@ def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILIm
             select(Image.storage_key, Image.label).where(Image.dataset_id == claim.dataset_id)
             .order_by(Image.created_at, Image.id)
         ).all()
+        tenant = s.get(Tenant, claim.tenant_id)
+        if rows and tenant is not None:
+            _check_steps(claim, runtime, tenant, len(rows), len(classes))
     if not rows:
         raise JobError("the dataset has no images")
     side, max_pixels = get_base(claim.base_model).image_size, runtime.settings.max_image_pixels
@@ -51,3 +56,12 @@ def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILIm
             raise JobError(f"a stored image cannot be read: {e.detail}") from e
         labels.append(index[label])
     return classes, images, labels
+
+
+def _check_steps(claim: Claim, runtime: Runtime, tenant: Tenant, n_images: int, n_classes: int) -> None:
+    # Again with the images there now: ones added after the submit raise the step count (shots).
+    try:
+        quotas.check_steps(tenant=tenant, settings=runtime.settings, hparams=claim.params,
+                           n_images=n_images, n_classes=n_classes)
+    except QuotaExceeded as e:
+        raise JobError(e.detail) from e

@@ -25,7 +25,7 @@ from app.services import bases, history
 from app.storage import get_storage
 from worker import context
 from worker.celery_app import TRAIN_TASK
-from worker.claims import claim_job, worker_id
+from worker.claims import claim_job, wake_waiting, worker_id
 from worker.examples import JobError, load_examples
 from worker.memory import keep_freed_memory
 from worker.recovery import start_sweeper
@@ -113,10 +113,19 @@ def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_job(job_id: str, *, runtime: Runtime, worker: str | None = None) -> str:
-    """Run one delivery of the training message. Returns the job's resulting status, or "skipped"."""
+    """Run one delivery of the training message: the job worker.claims picks for it (`job_id` is a
+    hint, see there). Returns the started job's resulting status, or "skipped"."""
     claim = claim_job(runtime, job_id, worker or worker_id())
     if claim is None:
         return "skipped"
+    try:
+        return _run_claimed(claim, runtime)
+    finally:
+        wake_waiting(runtime, claim)
+
+
+def _run_claimed(claim: Claim, runtime: Runtime) -> str:
+    job_id = claim.job_id
     log.info("job %s: attempt %d on %s", job_id, claim.attempt, claim.worker)
     ckpt = checkpoint_path(job_id, runtime.settings)
     with Watcher(claim, runtime) as watcher:

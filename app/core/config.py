@@ -70,6 +70,14 @@ class Settings(BaseSettings):
     # Storage: how long a pending reference (upload between file write and row commit) holds a file.
     object_pin_ttl_s: float = Field(default=3600.0, gt=0)
 
+    # Per-tenant limits (app/quotas.py); a tenant row's non-null column of the same name overrides.
+    max_running_jobs: int = Field(default=4, ge=0)  # trainings at once; more wait queued
+    max_queued_jobs: int = Field(default=50, ge=0)  # waiting jobs; a submit over it answers 429
+    # n_iters x shots, the recipe's step count (the thorough preset at 16 shots: 64,000)
+    max_steps_per_job: int = Field(default=100_000, ge=1)
+    max_images_per_dataset: int = Field(default=10_000, ge=0)
+    max_models: int = Field(default=1000, ge=0)  # models plus jobs that will create one
+
     @model_validator(mode="after")
     def _fill_database_url(self) -> Settings:
         if not self.database_url:

@@ -8,7 +8,9 @@ job first (a cancel, a recovery sweep, a second delivery of the same message).
 Conditions, by who calls:
 - the API (create, enqueue_failed, cancel): on the status alone;
 - a worker before training (claim, give_up): on the status and attempt count it read, so two
-  deliveries of one message racing cannot both claim it;
+  deliveries of one message racing cannot both claim it; claim_next (the fair pick of any queued
+  job, see its docstring): on the status and attempts read, and on the tenant's running count
+  still being under its limit, with the tenant row locked;
 - the owner while training (heartbeat, report_progress, succeed, finish): on `owned(claim)`
   (running, same worker, same attempt), so a worker declared dead that comes back writes nothing;
 - the recovery sweep (requeue_stale, fail_stale, cancel_stale, mark_resent): on the attempt count
@@ -21,11 +23,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, delete, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, delete, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from app.jobs.status import ACTIVE, FINISHED, JobStatus
 from app.models import Job
+from app.quotas import lock_tenant
 
 __all__ = ["ACTIVE", "FINISHED", "Claim", "JobStatus"]
 
@@ -127,6 +130,62 @@ def give_up(session: Session, *, job_id: str, seen_status: str, seen_attempts: i
         values["error"] = error
     return _changed(session, Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts,
                     **values)
+
+
+def _running_of(tenant_id: Any) -> ColumnElement[int]:
+    # SQL: how many jobs of the tenant `tenant_id` (a column of the outer row) are running.
+    other = aliased(Job)
+    return (select(func.count()).select_from(other)
+            .where(other.tenant_id == tenant_id, other.status == RUNNING).scalar_subquery())
+
+
+def _last_start_of(tenant_id: Any) -> ColumnElement[datetime | None]:
+    # SQL: when the tenant `tenant_id` last started a job (NULL: never); ix_jobs_tenant_started.
+    other = aliased(Job)
+    return select(func.max(other.started_at)).where(other.tenant_id == tenant_id).scalar_subquery()
+
+
+def fair_order(session: Session, *, running_limit: ColumnElement[int], max_attempts: int,
+               limit: int = 1) -> list[Any]:
+    """Queued jobs in the order fair scheduling starts them: (id, tenant_id, attempts) rows.
+
+    Jobs of tenants at their running limit (`running_limit`: SQL over `Job.tenant_id`, from
+    app.quotas) are left out; then fewest running jobs of the tenant first, then the tenant that
+    started a job longest ago (never: first), then the oldest job. So a tenant with nothing running
+    goes before the next job of one that is training, and tenants with queued jobs take turns.
+    Jobs that are cancel-requested or out of attempts are left out: the message naming them ends
+    them (worker.claims), and the recovery sweep re-sends it.
+    """
+    running = _running_of(Job.tenant_id)
+    return list(session.execute(
+        select(Job.id, Job.tenant_id, Job.attempts)
+        .where(Job.status == QUEUED, Job.cancel_requested.is_(False), Job.attempts < max_attempts,
+               running < running_limit)
+        .order_by(running, _last_start_of(Job.tenant_id).asc().nulls_first(), Job.created_at, Job.id)
+        .limit(limit)
+    ).all())
+
+
+def claim_next(session: Session, *, worker: str, now: datetime, running_limit: ColumnElement[int],
+               max_attempts: int) -> tuple[str | None, bool]:
+    """queued → running under `worker`, attempts + 1: the first job of `fair_order`.
+
+    The tenant row is locked (app.quotas.lock_tenant), then one conditional UPDATE re-checks the
+    status and attempts read and that the tenant is still under its running limit, so concurrent
+    claims never take one job twice nor exceed a tenant's limit. Returns (job id or None, whether
+    there was a candidate): (None, True) = another worker won it; the caller retries in a new
+    transaction (one tenant lock per transaction: no lock-order deadlocks).
+    """
+    rows = fair_order(session, running_limit=running_limit, max_attempts=max_attempts, limit=1)
+    if not rows:
+        return None, False
+    job_id, tenant_id, attempts = rows[0]
+    lock_tenant(session, tenant_id)
+    won = _changed(session, Job.id == job_id, Job.status == QUEUED, Job.attempts == attempts,
+                   Job.cancel_requested.is_(False), _running_of(Job.tenant_id) < running_limit,
+                   status=RUNNING, attempts=attempts + 1, worker=worker, heartbeat_at=now,
+                   started_at=now, finished_at=None, error=None)
+    return (job_id if won else None), True
 
 
 # ---------------------------------------------------------------- the owner, while training

@@ -1,8 +1,8 @@
 """The statuses a job row can have (stored as the enum's value in `jobs.status`, a String(16)).
 
-    queued ──claim──▶ running ──finish──▶ succeeded | failed | cancelled
-      │  ▲               │
-      │  └─requeue_stale─┘        (a worker that stopped beating)
+    queued ──claim / claim_next──▶ running ──finish──▶ succeeded | failed | cancelled
+      │  ▲                            │
+      │  └────────requeue_stale───────┘   (a worker that stopped beating)
       └──cancel / enqueue_failed / give_up──▶ cancelled | failed
 
 Kept apart from `lifecycle` so that `app.models` can use it without an import cycle.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -12,6 +12,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound, TooLarge
 from app.jobs.status import ACTIVE
@@ -175,6 +176,8 @@ def add_images(
     when nothing is added and some file was invalid the request fails (422).
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
+    quotas.check_images(session=session, tenant=tenant, settings=settings, dataset=dataset, adding=1,
+                        lock=False)  # already full: refused before any decoding
     if files and archive is not None:
         raise InvalidInput("send either 'files' (with 'label') or one 'archive', not both")
     if archive is not None:
@@ -191,7 +194,9 @@ def add_images(
         for filename, item_label, data in items:
             _take(batch, report, settings, dataset_id, existing, filename, item_label, data)
         batch.flush()
-        _commit(batch, report, dataset_id)
+        _commit(batch, report, dataset_id,
+                quota=lambda n: quotas.check_images(session=session, tenant=tenant, settings=settings,
+                                                    dataset=dataset, adding=n))
     except BaseException:
         batch.discard()
         raise
@@ -231,8 +236,10 @@ def _take(batch: _Batch, report: _Report, settings: Settings, dataset_id: str, e
     batch.add(filename, row, data)
 
 
-def _commit(batch: _Batch, report: _Report, dataset_id: str, attempts: int = 3) -> None:
-    """Commit the rows and release the pins in one transaction.
+def _commit(batch: _Batch, report: _Report, dataset_id: str,
+            quota: Callable[[int], None] = lambda n: None, attempts: int = 3) -> None:
+    """Commit the rows and release the pins in one transaction; `quota(n)` checks the tenant's
+    image limit for n more rows under the tenant lock, which the commit releases.
 
     A concurrent upload of the same image trips unique(dataset_id, sha256): those rows become
     duplicates of the other upload's and the rest is committed again. A dataset deleted meanwhile
@@ -241,6 +248,7 @@ def _commit(batch: _Batch, report: _Report, dataset_id: str, attempts: int = 3) 
     session = batch.session
     for attempt in range(attempts):
         try:
+            quota(len(batch.rows))
             session.add_all(row for _f, row in batch.rows.values())
             batch.unpin()
             session.commit()

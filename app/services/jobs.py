@@ -7,6 +7,7 @@ import logging
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound, Unavailable
 from app.jobs import lifecycle
@@ -75,8 +76,11 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         raise InvalidInput(f"every class needs at least one image; none for: {', '.join(empty)}")
+    quotas.check_steps(tenant=tenant, settings=settings, hparams=params, n_images=sum(counts.values()),
+                       n_classes=len(counts))
     estimate = estimate_seconds(settings=settings, base_model=base_model, method=body.method, params=params,
                                 n_images=sum(counts.values()), n_classes=len(counts))
+    quotas.check_new_job(session=session, tenant=tenant, settings=settings)  # locks until the commit
     job = lifecycle.create(session, tenant_id=tenant.id, dataset_id=dataset.id, method=body.method,
                            base_model=base_model, params=params)
     job.preset, job.estimated_seconds = body.preset, estimate

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from app import quotas
 from app.core.config import Settings
 from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge
 from app.models import Job, Model, Tenant
@@ -50,7 +51,8 @@ def add_model(
 
 
 def create_model_from_delta(
-    *, session: Session, storage: Storage, tenant: Tenant, delta: SparseDelta, base_model: str,
+    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, delta: SparseDelta,
+    base_model: str,
     method: str, job_id: str | None = None, name: str | None = None, metrics: dict[str, Any] | None = None,
     data: bytes | None = None,
 ) -> Model:
@@ -63,6 +65,7 @@ def create_model_from_delta(
     pin_id = objects.pin(session=session, keys=[key])  # committed before the file exists
     try:
         stored = store_delta(storage=storage, delta=delta, data=data)
+        quotas.check_new_model(session=session, tenant=tenant, settings=settings)  # locked until the commit
         model = add_model(session=session, tenant_id=tenant.id, delta=delta, key=stored,
                           base_model=base_model,
                           method=method, job_id=job_id, name=name, metrics=metrics)
@@ -88,10 +91,11 @@ def create_zeroshot(
     # The recipe's check and default, so the model row records the template actually used.
     template = validate_params("zeroshot", {"template": body.template} if body.template else {})["template"]
     base_model = resolve_base_model(body.base_model, settings)
+    quotas.check_new_model(session=session, tenant=tenant, settings=settings, lock=False)  # before the work
     with inference.serving_errors(None):
         delta = inference.zeroshot_delta(classes=list(body.classes), base_model=base_model, template=template)
-    return create_model_from_delta(session=session, storage=storage, tenant=tenant, delta=delta,
-                                   base_model=base_model, method="zeroshot", name=body.name)
+    return create_model_from_delta(session=session, storage=storage, settings=settings, tenant=tenant,
+                                   delta=delta, base_model=base_model, method="zeroshot", name=body.name)
 
 
 def import_model(
@@ -114,8 +118,9 @@ def import_model(
         base = bases.get_base(spec)
     _check_import(delta, base, settings)
     method = str(delta.meta.get("method") or "imported")[:32]
-    return create_model_from_delta(session=session, storage=storage, tenant=tenant, delta=delta,
-                                   base_model=spec, method=method, name=name, data=data)
+    quotas.check_new_model(session=session, tenant=tenant, settings=settings, lock=False)
+    return create_model_from_delta(session=session, storage=storage, settings=settings, tenant=tenant,
+                                   delta=delta, base_model=spec, method=method, name=name, data=data)
 
 
 def _import_base(delta: SparseDelta, settings: Settings) -> str:

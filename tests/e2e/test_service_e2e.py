@@ -95,6 +95,7 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
         SPARSESHOT_DATA_DIR=str(data_dir),
         SPARSESHOT_BASE_MODEL=BASE_SPEC,
         SPARSESHOT_PROGRESS_INTERVAL_S="0.2",
+        SPARSESHOT_MAX_STEPS_PER_JOB="1000000",  # LONG_PARAMS: a training that runs until stopped
         CUDA_VISIBLE_DEVICES="",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",

@@ -48,7 +48,7 @@ def test_help_lists_commands(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     out = capsys.readouterr().out
-    for name in ("serve", "worker", "migrate", "keys", "bench"):
+    for name in ("serve", "worker", "migrate", "keys", "tenants", "bench"):
         assert name in out
 
 
@@ -71,3 +71,29 @@ def test_keys_create_before_migrate_and_blank_tenant_are_clear_errors(tmp_path, 
     finally:
         db.dispose_engines()
         get_settings.cache_clear()
+
+
+def test_tenants_set_limits(settings, capsys):
+    from app import quotas
+    from app.models import Tenant
+
+    assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
+    capsys.readouterr()
+    assert cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-running-jobs", "1",
+                     "--max-models", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "max_running_jobs" in out and "(tenant)" in out
+    with session_scope() as s:
+        tenant = s.query(Tenant).filter_by(name="acme").one()
+        limits = quotas.limits_of(tenant, settings)
+    assert limits["max_running_jobs"] == 1 and limits["max_models"] == 0
+    assert limits["max_queued_jobs"] == settings.max_queued_jobs  # untouched: the default
+    # `default` clears one override and keeps the others.
+    assert cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-models", "default"]) == 0
+    with session_scope() as s:
+        tenant = s.query(Tenant).filter_by(name="acme").one()
+        assert (tenant.max_models, tenant.max_running_jobs) == (None, 1)
+    assert cli.main(["tenants", "set-limits", "--tenant", "nobody", "--max-models", "3"]) == 1
+    assert "no tenant" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-models", "-1"])
