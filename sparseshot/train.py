@@ -11,8 +11,9 @@ Delta budget (SO, ``delta_budget`` < 1): after the main phase, each trained matr
 only its ``floor(delta_budget · n)`` entries of largest |Δ| (Δ = adapted − base; the others go back to
 the base value; only entries SO changed are kept), and, when that dropped any changed entry, a
 refine phase of ``ceil(refine_fraction · steps run)`` steps re-trains exactly those entries (SO
-with the supports pinned: Adam on the kept entries, a fresh cosine schedule from ``lr``). The stored delta therefore holds at most delta_budget of the trained entries. The main phase
-does not depend on the budget, so `execute_budgets` trains it once and branches per budget, each
+with the supports pinned: Adam on the kept entries, a fresh cosine schedule from ``lr``).
+The stored delta therefore holds at most delta_budget of the trained entries. The main phase does
+not depend on the budget, so `execute_budgets` trains it once and branches per budget, each
 branch giving what a separate run with that budget gives (tested).
 """
 
