@@ -298,6 +298,8 @@ class SOConfig(_Config):
                               "fraction of the trained entries the stored delta may hold (1 = all changed)")
     refine_fraction: float = _hp(0.25, Float(0.0, 1.0),
                                  "re-training steps on the kept entries, as a fraction of the steps run")
+    refine_lr_scale: float = _hp(0.1, Float(0.0, 1.0, lo_open=True),
+                                 "peak learning rate of the re-training, as a fraction of lr")
     encoder: str = _hp("both", _ENCODER, "towers to train: vision, text or both")
     positions: str | tuple[int, ...] = _hp("all", Positions(), 'blocks to train: "all" or indices')
     template: str = _hp(DEFAULT_TEMPLATE, Template(), _TEMPLATE_DOC)

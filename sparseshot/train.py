@@ -11,7 +11,8 @@ Delta budget (SO, ``delta_budget`` < 1): after the main phase, each trained matr
 only its ``floor(delta_budget · n)`` entries of largest |Δ| (Δ = adapted − base; the others go back to
 the base value; only entries SO changed are kept), and, when that dropped any changed entry, a
 refine phase of ``ceil(refine_fraction · steps run)`` steps re-trains exactly those entries (SO
-with the supports pinned: Adam on the kept entries, a fresh cosine schedule from ``lr``).
+with the supports pinned: Adam on the kept entries, a fresh cosine schedule from
+``refine_lr_scale · lr``).
 The stored delta therefore holds at most delta_budget of the trained entries. The main phase does
 not depend on the budget, so `execute_budgets` trains it once and branches per budget, each
 branch giving what a separate run with that budget gives (tested).
@@ -154,9 +155,11 @@ class Run:
         self.train_vision = enc in ("vision", "both")
         self.train_text = enc in ("text", "both")
 
-    def _schedule(self, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    def _schedule(self, steps: int, lr: float | None = None) -> torch.optim.lr_scheduler.LRScheduler:
+        """Cosine from the optimizer's lr to FINAL_LR (at most the peak `lr`) over `steps`."""
+        peak = self.hp["lr"] if lr is None else lr
         return torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.opt, T_max=max(1, steps), eta_min=min(FINAL_LR, self.hp["lr"]))
+            self.opt, T_max=max(1, steps), eta_min=min(FINAL_LR, peak))
 
     def _build_so(self) -> None:
         from sparseshot.optim import SO
@@ -237,12 +240,13 @@ class Run:
                 params.append(p)
         gen = torch.Generator(device=self.device)
         gen.manual_seed(hp["seed"] * 2 + 2)
-        self.opt = SO(params, lr=hp["lr"], betas=tuple(hp["betas"]), density=hp["delta_budget"],
+        lr = hp["lr"] * hp["refine_lr_scale"]  # the main phase ended near 1e-6: re-warm gently
+        self.opt = SO(params, lr=lr, betas=tuple(hp["betas"]), density=hp["delta_budget"],
                       refresh_every=hp["refresh_every"], generator=gen)
         for name, p in self.trainable.items():
             if p.requires_grad:
                 self.opt.fix_support(p, kept[name])
-        self.sched = self._schedule(steps)
+        self.sched = self._schedule(steps, lr)
         self.handle = enable_sparse_grads(self.model, self.opt)
         self.phase, self.refine_end, self.kept = "refine", self.step + steps, kept
 
