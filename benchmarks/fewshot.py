@@ -352,6 +352,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small offline run for smoke tests (< 1 min)")
     p.add_argument("--data-root", type=Path, help="real-data mode: CoOp / CLIP-LoRA dataset layout")
     p.add_argument("--datasets", help="real-data mode: comma-separated subset (default: all found)")
+    p.add_argument("--tasks", help="offline mode: comma-separated subset of shifted_shapes,digits")
     p.add_argument("--base", help="base model spec (offline default: the pretrained synthetic CLIP)")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     p.add_argument("--shots", help="comma-separated shot counts (default 1,4,16)")
@@ -446,7 +447,12 @@ def _load_tasks(a: argparse.Namespace, st: dict[str, Any], image_size: int) -> l
     if st["mode"] == "quick":
         return [ds.shifted_shapes_task(image_size, n_train_per_class=4, n_test_per_class=3),
                 ds.digits_task(image_size, n_test_per_class=10)]
-    return [ds.shifted_shapes_task(image_size), ds.digits_task(image_size)]
+    tasks = [ds.shifted_shapes_task(image_size), ds.digits_task(image_size)]
+    wanted = [t.strip() for t in a.tasks.split(",")] if a.tasks else [t.name for t in tasks]
+    unknown = set(wanted) - {t.name for t in tasks}
+    if unknown:
+        raise SystemExit(f"unknown offline tasks: {', '.join(sorted(unknown))}")
+    return [t for t in tasks if t.name in wanted]
 
 
 def with_crop_scale(base: Any, low: float) -> Any:

@@ -366,10 +366,9 @@ class Run:
         self.phase, self.kept = "main", {}
 
     def _planned(self) -> int:
-        """Planned steps: main phase (+ refine phase) as far as known now."""
-        if self.phase == "refine":
-            return self.refine_end
-        return self.total_steps + self._refine_steps(self.total_steps)
+        """Planned steps as known now: the main phase's, extended once a refine phase starts (whether
+        one runs is only known after pruning: a delta that already fits the budget needs none)."""
+        return self.refine_end if self.phase == "refine" else self.total_steps
 
     def _run_steps(self, end: int, *, main: bool) -> None:
         """Steps until `end` (main phase: or until converged); progress, cancellation, checkpoints."""
