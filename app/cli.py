@@ -1,4 +1,9 @@
-"""The `sparseshot` command: serve, worker, migrate, keys, bench."""
+"""The `sparseshot` command: serve, worker, migrate, keys, bench.
+
+This is where the processes are assembled, so it is the one module of `app/` that imports
+`worker/` (the Celery-backed queue, the worker): tests/engine/test_layers.py allows it here only.
+Imports are inside the commands so that `--help` stays fast.
+"""
 
 from __future__ import annotations
 
@@ -37,7 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Migrate, start the embedded worker (no broker URL), then run uvicorn until stopped."""
     import uvicorn
 
+    from app.main import create_app
     from app.services import inference
+    from worker.dispatch import CeleryQueue
     from worker.embedded import EmbeddedWorker
 
     settings = _settings()
@@ -48,8 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not settings.broker_url and not args.no_worker:
         embedded = EmbeddedWorker(settings.queue_name).start()
     try:
-        uvicorn.run("app.main:create_app", factory=True, host=args.host, port=args.port,
-                    log_level=args.log_level.lower(), workers=1)
+        api = create_app(settings, queue=CeleryQueue.for_settings(settings))
+        uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -58,11 +65,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A Celery worker on the training queue (one training at a time)."""
-    from worker.celery_app import app
+    from worker.celery_app import make_celery
     from worker.embedded import worker_argv
 
-    argv = worker_argv(_settings().queue_name, loglevel=args.log_level, hostname=args.hostname)
-    app.worker_main(argv[2:])  # drop "-A worker.celery_app": the app is given
+    settings = _settings()
+    argv = worker_argv(settings.queue_name, loglevel=args.log_level, hostname=args.hostname)
+    make_celery(settings).worker_main(argv[2:])  # drop "-A worker.main": the app is given
     return 0
 
 

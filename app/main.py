@@ -6,15 +6,17 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 
 from app import __doc__ as app_doc
-from app.api.routes import datasets, health, jobs, models
+from app.api.routes import console, datasets, health, images, jobs, models
 from app.core.config import Settings, get_settings
-from app.db import make_engine
 from app.errors import install_handlers
 from app.metrics import LATENCY, REQUESTS
-from app.storage import get_storage
+from app.queue import Queue
+from app.runtime import Runtime
 
 
 def _route_label(request: Request) -> str:
@@ -23,15 +25,27 @@ def _route_label(request: Request) -> str:
     return getattr(route, "path", None) or "unmatched"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the API for `settings` (default: from the environment). The schema must be migrated."""
-    settings = settings or get_settings()
-    engine = make_engine(settings.database_url)
+def _summaries_from_docstrings(router: APIRouter) -> None:
+    """Each operation's summary is its view's docstring's first line; the rest is its description."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.summary is None and route.description:
+            first, _, rest = route.description.strip().partition("\n")
+            route.summary = first.strip().rstrip(".")
+            route.description = rest.strip() or first.strip()
+
+
+def create_app(settings: Settings | None = None, *, queue: Queue | None = None) -> FastAPI:
+    """Build the API for `settings` (default: from the environment). The schema must be migrated.
+
+    `queue` is the training queue (`sparseshot serve` passes worker.dispatch.CeleryQueue); without
+    one, job creation fails cleanly and /readyz reports the broker not ready.
+    """
+    runtime = Runtime.build(settings or get_settings(), queue=queue)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         yield
-        engine.dispose()
+        runtime.close()
 
     app = FastAPI(
         title="SparseShot",
@@ -39,10 +53,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary=app_doc,
         description="Few-shot CLIP adaptation: datasets, training jobs, sparse-delta models, classify.",
         lifespan=lifespan,
+        docs_url=None,  # served by app.api.routes.console from local assets (no CDN)
+        redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.engine = engine
-    app.state.storage = get_storage(settings)
+    app.state.runtime = runtime
     install_handlers(app)
 
     @app.middleware("http")
@@ -58,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             REQUESTS.labels(request.method, route, str(status)).inc()
             LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
 
-    for module in (datasets, jobs, models, health):
+    for module in (datasets, images, jobs, models, health, console):
+        _summaries_from_docstrings(module.router)
         app.include_router(module.router)
+    app.mount(console.STATIC_URL, StaticFiles(directory=console.STATIC_DIR), name="static")
     return app

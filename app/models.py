@@ -22,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from app.jobs.status import JobStatus
+
 # Stable constraint names, so migrations can refer to them on every backend.
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -31,15 +33,12 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-ACTIVE_JOB_STATUSES = ("queued", "running")
-
-
 def new_id() -> str:
     return str(uuid.uuid4())
 
 
 def utcnow() -> datetime:
+    """The one clock of the service: timezone-aware UTC."""
     return datetime.now(timezone.utc)
 
 
@@ -150,7 +149,8 @@ class Job(Base):
     method: Mapped[str] = mapped_column(String(32))
     base_model: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    # A JobStatus value; written only by app.jobs.lifecycle.
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)

@@ -8,8 +8,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
 
+from app.jobs.status import JobStatus
+
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -19,11 +20,15 @@ def _unique(classes: list[str]) -> list[str]:
     return classes
 
 
-class Strict(BaseModel):
+class RequestBody(BaseModel):
+    """A request body: unknown fields are refused (422), never silently ignored."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class DatasetCreate(Strict):
+class DatasetCreate(RequestBody):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "pets", "classes": ["cat", "dog"]}]})
+
     name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
     classes: list[ClassName] = Field(min_length=2, description="At least two distinct class names.")
 
@@ -57,7 +62,33 @@ class ImagesAdded(BaseModel):
     rejected: list[ImageRejected]
 
 
-class JobCreate(Strict):
+class ImagePublic(BaseModel):
+    image_id: str
+    filename: str = Field(description="The client's file name at upload (reports only).")
+    label: str
+    width: int
+    height: int
+    created_at: datetime
+    thumbnail_url: str = Field(description="A small JPEG of the image (authenticated like every call).")
+
+
+class ImagePatch(RequestBody):
+    label: ClassName = Field(description="The new class: one of the dataset's classes.")
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"label": "dog"}]})
+
+
+class JobCreate(RequestBody):
+    # Works as sent once `dataset_id` names one of your datasets (a short run: quick on a CPU).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10", "method": "so",
+                 "params": {"n_iters": 50, "lr": 0.01}},
+            ]
+        }
+    )  # fmt: skip
+
     dataset_id: str
     method: Literal["so", "lora"] = "so"
     base_model: str | None = None
@@ -89,7 +120,11 @@ class JobPublic(BaseModel):
     finished_at: datetime | None = None
 
 
-class ZeroshotCreate(Strict):
+class ZeroshotCreate(RequestBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"classes": ["cat", "dog"], "template": "a photo of a {}."}]}
+    )
+
     classes: list[ClassName] = Field(min_length=2)
     base_model: str | None = None
     template: str | None = Field(

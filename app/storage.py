@@ -19,6 +19,7 @@ from app.core.config import Settings, get_settings
 from sparseshot.io import atomic_write
 
 _KEY = re.compile(r"^[0-9a-f]{64}$")
+_DERIVED = re.compile(r"^[a-z0-9]+(-[0-9]+)?\.[a-z0-9]+$")  # e.g. thumb-128.jpg
 _CHUNK = 1024 * 1024
 
 
@@ -28,12 +29,23 @@ class StorageError(Exception):
 
 @runtime_checkable
 class Storage(Protocol):
+    """What services use: content-addressed put/get/delete, and a local path to stream a file."""
+
+    def path(self, key: str) -> Path: ...
     def put(self, data: bytes) -> str: ...
     def put_file(self, path: str | os.PathLike[str]) -> str: ...
     def get(self, key: str) -> bytes: ...
     def open(self, key: str) -> BinaryIO: ...
     def exists(self, key: str) -> bool: ...
     def delete(self, key: str) -> None: ...
+    def put_derived(self, key: str, name: str, data: bytes) -> None: ...
+    def get_derived(self, key: str, name: str) -> bytes | None: ...
+
+
+def _check_derived(name: str) -> str:
+    if not isinstance(name, str) or not _DERIVED.match(name):
+        raise StorageError(f"invalid derived object name {name!r}")
+    return name
 
 
 def _check_key(key: str) -> str:
@@ -86,9 +98,28 @@ class LocalStorage:
         return self.path(key).is_file()
 
     def delete(self, key: str) -> None:
-        self.path(key).unlink(missing_ok=True)
+        """Remove the object and every object derived from it (thumbnails)."""
+        path = self.path(key)
+        for derived in path.parent.glob(f"{key}.*"):
+            derived.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+
+    # Derived objects: a cache of files computed from an object (a thumbnail of an image), stored
+    # beside it as `<key>.<name>`. Addressed by the source's content, so never stale; dropped with it.
+
+    def derived_path(self, key: str, name: str) -> Path:
+        return self.path(key).with_name(f"{key}.{_check_derived(name)}")
+
+    def put_derived(self, key: str, name: str, data: bytes) -> None:
+        atomic_write(self.derived_path(key, name), lambda out: out.write(data))
+
+    def get_derived(self, key: str, name: str) -> bytes | None:
+        try:
+            return self.derived_path(key, name).read_bytes()
+        except FileNotFoundError:
+            return None
 
 
 def get_storage(settings: Settings | None = None) -> LocalStorage:
-    """The local storage under the settings' data folder."""
+    """The local storage under the settings' data folder (default: the process settings)."""
     return LocalStorage((settings or get_settings()).storage_dir)

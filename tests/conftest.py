@@ -76,3 +76,4 @@ def redis_url() -> str:
     except Exception as e:
         server_unavailable(f"Redis at {REDIS_URL}", e)
     return REDIS_URL
+

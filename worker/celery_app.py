@@ -4,6 +4,9 @@ Job state lives in database rows, so there is no result backend. One training at
 worker process (one per GPU), messages acknowledged only after the task finishes, and a
 message whose worker process died is handed back to the broker. Recovery from a lost worker
 machine does not wait for the broker's redelivery: see worker.recovery.
+
+Nothing is built at import: `make_celery(settings)` is called where a process is assembled
+(worker.main for `celery -A worker.main`, the `sparseshot worker` command, worker.dispatch).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 
 TRAIN_TASK = "sparseshot.train_job"
 
@@ -47,9 +50,8 @@ def _transport_options(url: str) -> dict[str, Any]:
     return {}
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
-    """A Celery app for `settings` (default: the process settings)."""
-    settings = settings or get_settings()
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings`; the training task (worker.tasks, a shared task) joins it."""
     url = broker_url(settings)
     app = Celery("sparseshot", broker=url, include=["worker.tasks"])
     app.conf.update(
@@ -73,9 +75,8 @@ def make_celery(settings: Settings | None = None) -> Celery:
     return app
 
 
-app = make_celery()
-
-
 @signals.worker_init.connect
 def _worker_init(sender: object = None, **_: Any) -> None:
-    ensure_broker_dir(getattr(sender, "app", None) or app)
+    app = getattr(sender, "app", None)
+    if isinstance(app, Celery):
+        ensure_broker_dir(app)

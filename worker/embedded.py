@@ -19,7 +19,7 @@ _PR_SET_PDEATHSIG = 1
 def worker_argv(queue: str, *, loglevel: str = "INFO", hostname: str | None = None) -> list[str]:
     """Arguments after `celery` for one worker: one training at a time, on the given queue."""
     hostname = hostname or f"sparseshot-{uuid.uuid4().hex[:8]}@%h"
-    return ["-A", "worker.celery_app", "worker", "-Q", queue, "-c", "1", "-P", "prefork",
+    return ["-A", "worker.main", "worker", "-Q", queue, "-c", "1", "-P", "prefork",
             "-n", hostname, "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
 
 

@@ -19,121 +19,94 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.db import session_scope
-from app.models import Job
+from app.jobs import lifecycle
+from app.models import utcnow
+from app.queue import Queue
+from app.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _default_enqueue(job_id: str) -> None:
-    from worker.dispatch import enqueue_training
-
-    enqueue_training(job_id)
-
-
-def _default_depth() -> int | None:
-    from worker.dispatch import queue_depth
-
-    return queue_depth()
-
-
-def _set(job_id: str, seen_status: str, seen_attempts: int, seen_beat: datetime | None,
-         **values: object) -> bool:
-    """Conditional update on the row as read; True when this sweeper won."""
-    beat_cond = Job.heartbeat_at.is_(None) if seen_beat is None else Job.heartbeat_at == seen_beat
-    with session_scope() as s:
-        res = s.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts, beat_cond)
-            .values(**values)
-        )
-        return res.rowcount == 1  # type: ignore[attr-defined]
-
-
-def _stale_running(settings: Settings, now: datetime, enqueue: Callable[[str], None]) -> dict[str, int]:
-    cutoff = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
+def _stale_running(runtime: Runtime, now: datetime) -> dict[str, int]:
+    cutoff = now - timedelta(seconds=runtime.settings.job_heartbeat_timeout_s)
     counts = {"requeued": 0, "failed": 0, "cancelled": 0}
-    with session_scope() as s:
-        rows = s.execute(
-            select(Job.id, Job.attempts, Job.heartbeat_at, Job.cancel_requested, Job.worker)
-            .where(Job.status == "running", or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff))
-        ).all()
+    with session_scope(runtime.engine) as s:
+        rows = lifecycle.stale_running(s, cutoff=cutoff)
     for job_id, attempts, beat, cancel, worker in rows:
-        if cancel:
-            if _set(job_id, "running", attempts, beat, status="cancelled", finished_at=now):
-                counts["cancelled"] += 1
-        elif attempts < settings.job_max_attempts:
-            if _set(job_id, "running", attempts, beat, status="queued", worker=None, heartbeat_at=now):
-                log.warning("job %s: worker %s stopped beating; re-queued (attempt %d done)",
-                            job_id, worker, attempts)
-                counts["requeued"] += 1
-                _safe_enqueue(enqueue, job_id)
-        else:
-            reason = (f"worker lost: no heartbeat for {settings.job_heartbeat_timeout_s:g}s "
-                      f"(worker {worker}, attempt {attempts} of {settings.job_max_attempts})")
-            if _set(job_id, "running", attempts, beat, status="failed", error=reason, finished_at=now):
-                counts["failed"] += 1
+        with session_scope(runtime.engine) as s:
+            outcome = _end_or_requeue(s, runtime.settings, job_id, attempts, beat, cancel, worker, now)
+        if outcome is None:
+            continue  # another sweeper, or the worker's own heartbeat, got there first
+        counts[outcome] += 1
+        if outcome == "requeued":  # sent after the commit: its worker must see the queued row
+            log.warning("job %s: worker %s stopped beating; re-queued (attempt %d done)",
+                        job_id, worker, attempts)
+            _safe_enqueue(runtime.queue, job_id)
     return counts
 
 
-def _lost_queued(settings: Settings, now: datetime, enqueue: Callable[[str], None],
-                 depth: Callable[[], int | None]) -> int:
-    cutoff = now - timedelta(seconds=settings.job_heartbeat_timeout_s)
-    with session_scope() as s:
-        rows = s.execute(
-            select(Job.id, Job.attempts, Job.heartbeat_at)
-            .where(Job.status == "queued",
-                   or_(Job.heartbeat_at < cutoff, Job.heartbeat_at.is_(None) & (Job.created_at < cutoff)))
-        ).all()
-    if not rows or depth() != 0:
+def _end_or_requeue(s: Session, settings: Settings, job_id: str, attempts: int, beat: datetime | None,
+                    cancel: bool, worker: str | None, now: datetime) -> str | None:
+    """One stale running job: cancelled (cancel requested), re-queued (attempts left) or failed."""
+    if cancel:
+        won = lifecycle.cancel_stale(s, job_id=job_id, seen_attempts=attempts, seen_beat=beat, now=now)
+        return "cancelled" if won else None
+    if attempts < settings.job_max_attempts:
+        won = lifecycle.requeue_stale(s, job_id=job_id, seen_attempts=attempts, seen_beat=beat, now=now)
+        return "requeued" if won else None
+    reason = (f"worker lost: no heartbeat for {settings.job_heartbeat_timeout_s:g}s "
+              f"(worker {worker}, attempt {attempts} of {settings.job_max_attempts})")
+    won = lifecycle.fail_stale(s, job_id=job_id, seen_attempts=attempts, seen_beat=beat, error=reason,
+                               now=now)
+    return "failed" if won else None
+
+
+def _lost_queued(runtime: Runtime, now: datetime) -> int:
+    cutoff = now - timedelta(seconds=runtime.settings.job_heartbeat_timeout_s)
+    with session_scope(runtime.engine) as s:
+        rows = lifecycle.lost_queued(s, cutoff=cutoff)
+    if not rows or runtime.queue.queue_depth() != 0:
         # Messages still waiting (or an unknown depth): these jobs are most likely behind them.
         return 0
     n = 0
     for job_id, attempts, beat in rows:
-        # heartbeat_at of a queued job = when it was last re-sent, so it is re-sent once per timeout.
-        if _set(job_id, "queued", attempts, beat, heartbeat_at=now):
+        with session_scope(runtime.engine) as s:
+            resent = lifecycle.mark_resent(s, job_id=job_id, seen_attempts=attempts, seen_beat=beat, now=now)
+        if resent:  # re-sent once per timeout
             log.warning("job %s: queued with no message in the broker; re-sent", job_id)
-            _safe_enqueue(enqueue, job_id)
+            _safe_enqueue(runtime.queue, job_id)
             n += 1
     return n
 
 
-def _safe_enqueue(enqueue: Callable[[str], None], job_id: str) -> None:
+def _safe_enqueue(queue: Queue, job_id: str) -> None:
     try:
-        enqueue(job_id)
+        queue.enqueue_training(job_id)
     except Exception as e:  # the job stays queued; the next sweep tries again
         log.error("job %s: could not enqueue: %s", job_id, e)
 
 
-def sweep(settings: Settings | None = None, *, now: datetime | None = None,
-          enqueue: Callable[[str], None] | None = None,
-          depth: Callable[[], int | None] | None = None) -> dict[str, int]:
+def sweep(runtime: Runtime, *, now: datetime | None = None) -> dict[str, int]:
     """One recovery pass; returns counts of requeued / failed / cancelled / resent jobs."""
-    settings = settings or get_settings()
     now = now or utcnow()
-    enqueue = enqueue or _default_enqueue
-    counts = _stale_running(settings, now, enqueue)
-    counts["resent"] = _lost_queued(settings, now, enqueue, depth or _default_depth)
+    counts = _stale_running(runtime, now)
+    counts["resent"] = _lost_queued(runtime, now)
     return counts
 
 
 class Sweeper:
     """A daemon thread running sweep() now and then every `recovery_interval_s`."""
 
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or get_settings()
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="job-recovery", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="job-recovery", daemon=True)
 
     def start(self) -> Sweeper:
         self._thread.start()
@@ -142,24 +115,24 @@ class Sweeper:
     def stop(self) -> None:
         self._stop.set()
 
-    def _run(self) -> None:
+    def _loop(self) -> None:
         while True:
             try:
-                counts = sweep(self.settings)
+                counts = sweep(self.runtime)
                 if any(counts.values()):
                     log.warning("recovery sweep: %s", counts)
             except Exception as e:  # database or broker down: try again next interval
                 log.error("recovery sweep failed: %s", e)
-            if self._stop.wait(self.settings.recovery_interval_s):
+            if self._stop.wait(self.runtime.settings.recovery_interval_s):
                 return
 
 
 _sweeper: Sweeper | None = None
 
 
-def start_sweeper() -> Sweeper:
+def start_sweeper(runtime: Runtime) -> Sweeper:
     """Start the process's sweeper thread once."""
     global _sweeper
     if _sweeper is None:
-        _sweeper = Sweeper().start()
+        _sweeper = Sweeper(runtime).start()
     return _sweeper

@@ -12,28 +12,44 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.models import Tenant
+from app.queue import Queue
+from app.runtime import Runtime
 from app.services import auth
-from app.storage import LocalStorage
+from app.storage import Storage
 
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer sk_...`")
 
 
-def get_settings_dep(request: Request) -> Settings:
-    return request.app.state.settings
+def get_runtime(request: Request) -> Runtime:
+    """The runtime context create_app built (the only thing kept on app.state)."""
+    runtime: Runtime = request.app.state.runtime
+    return runtime
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with Session(bind=request.app.state.engine, autoflush=False, expire_on_commit=False) as session:
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+
+
+def get_settings_dep(runtime: RuntimeDep) -> Settings:
+    return runtime.settings
+
+
+def get_session(runtime: RuntimeDep) -> Iterator[Session]:
+    with Session(bind=runtime.engine, autoflush=False, expire_on_commit=False) as session:
         yield session
 
 
-def get_storage_dep(request: Request) -> LocalStorage:
-    return request.app.state.storage
+def get_storage_dep(runtime: RuntimeDep) -> Storage:
+    return runtime.storage
+
+
+def get_queue(runtime: RuntimeDep) -> Queue:
+    return runtime.queue
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StorageDep = Annotated[LocalStorage, Depends(get_storage_dep)]
+StorageDep = Annotated[Storage, Depends(get_storage_dep)]
+QueueDep = Annotated[Queue, Depends(get_queue)]
 
 
 def get_tenant(

@@ -11,11 +11,12 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound, TooLarge
+from app.jobs.status import ACTIVE
 from app.metrics import IMAGES_REJECTED
-from app.models import ACTIVE_JOB_STATUSES, Dataset, Image, Job, Model, Tenant, new_id
+from app.models import Dataset, Image, Job, Model, Tenant, new_id
 from app.schemas import DatasetCreate, DatasetPublic, ImageAdded, ImageRejected, ImagesAdded
 from app.services import images as imgcheck
-from app.storage import LocalStorage
+from app.storage import Storage
 
 
 def create_dataset(*, session: Session, tenant: Tenant, body: DatasetCreate, settings: Settings) -> Dataset:
@@ -93,7 +94,7 @@ class _Report:
 def add_images(
     *,
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: Tenant,
     dataset_id: str,
@@ -175,7 +176,7 @@ def _from_archive(archive: Upload, dataset: Dataset, settings: Settings, report:
 def _store(
     *,
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     dataset: Dataset,
     candidates: list[_Candidate],
     report: _Report,
@@ -241,7 +242,7 @@ def _existing(session: Session, dataset_id: str, shas: list[str]) -> dict[str, s
     return {sha: image_id for sha, image_id in rows}
 
 
-def _remove_unreferenced(*, session: Session, storage: LocalStorage, keys: list[str]) -> None:
+def _remove_unreferenced(*, session: Session, storage: Storage, keys: list[str]) -> None:
     """Delete stored files that no image or model row uses any more (best effort)."""
     if not keys:
         return
@@ -254,18 +255,23 @@ def _remove_unreferenced(*, session: Session, storage: LocalStorage, keys: list[
             pass
 
 
-def delete_dataset(*, session: Session, storage: LocalStorage, tenant: Tenant, dataset_id: str) -> None:
+def ensure_idle(*, session: Session, dataset: Dataset) -> None:
+    """Conflict (409) while a queued or running job trains on the dataset: its images must not change."""
+    active = session.scalar(
+        select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_([s.value for s in ACTIVE]))
+    )
+    if active:
+        raise Conflict(f"dataset {dataset.id} has {active} queued or running job(s); cancel them first")
+
+
+def delete_dataset(*, session: Session, storage: Storage, tenant: Tenant, dataset_id: str) -> None:
     """Delete a dataset, its image rows and the files no other row uses.
 
     Refused (409) while a queued or running job trains on it: cancel those jobs first.
     Finished jobs keep their record with `dataset_id` set to null.
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
-    active = session.scalar(
-        select(func.count()).where(Job.dataset_id == dataset.id, Job.status.in_(ACTIVE_JOB_STATUSES))
-    )
-    if active:
-        raise Conflict(f"dataset {dataset.id} has {active} queued or running job(s); cancel them first")
+    ensure_idle(session=session, dataset=dataset)
     keys = list(session.scalars(select(Image.storage_key).where(Image.dataset_id == dataset.id)))
     session.execute(update(Job).where(Job.dataset_id == dataset.id).values(dataset_id=None))
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import logging
-from typing import cast
 
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound
+from app.jobs import lifecycle
+from app.jobs.status import FINISHED, JobStatus
 from app.models import Job, Tenant, utcnow
-from app.schemas import JobCreate, JobProgress, JobPublic, JobStatus
+from app.queue import Queue
+from app.schemas import JobCreate, JobProgress, JobPublic
 from app.services.datasets import get_dataset, image_counts
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,7 @@ def validate_params(method: str, params: dict, base_model: str | None = None) ->
         raise InvalidInput(f"invalid params for method {method!r}: {e}") from e
 
 
-def create_job(*, session: Session, settings: Settings, tenant: Tenant, body: JobCreate) -> Job:
+def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Tenant, body: JobCreate) -> Job:
     """Check the dataset and params, commit the queued job, then hand it to the queue.
 
     A dataset qualifies when it has images and every class has at least one. The product is
@@ -55,27 +57,19 @@ def create_job(*, session: Session, settings: Settings, tenant: Tenant, body: Jo
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         raise InvalidInput(f"every class needs at least one image; none for: {', '.join(empty)}")
-    job = Job(
-        tenant_id=tenant.id, dataset_id=dataset.id, method=body.method, base_model=base_model, params=params
-    )
-    session.add(job)
+    job = lifecycle.create(session, tenant_id=tenant.id, dataset_id=dataset.id, method=body.method,
+                           base_model=base_model, params=params)
     session.commit()
-    _enqueue(session, job)
+    _enqueue(session, queue, job)
     return job
 
 
-def _enqueue(session: Session, job: Job) -> None:
-    from worker.dispatch import enqueue_training
-
+def _enqueue(session: Session, queue: Queue, job: Job) -> None:
     try:
-        enqueue_training(job.id)
+        queue.enqueue_training(job.id)
     except Exception as e:
         log.exception("could not enqueue job %s", job.id)
-        session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == "queued")
-            .values(status="failed", error=f"could not enqueue: {e}", finished_at=utcnow())
-        )
+        lifecycle.enqueue_failed(session, job_id=job.id, error=f"could not enqueue: {e}", now=utcnow())
         session.commit()
         session.refresh(job)
 
@@ -87,10 +81,12 @@ def get_job(*, session: Session, tenant: Tenant, job_id: str) -> Job:
     return job
 
 
-def list_jobs(*, session: Session, tenant: Tenant, status: str | None, limit: int, offset: int) -> list[Job]:
+def list_jobs(
+    *, session: Session, tenant: Tenant, status: JobStatus | None, limit: int, offset: int
+) -> list[Job]:
     query = select(Job).where(Job.tenant_id == tenant.id)
     if status is not None:
-        query = query.where(Job.status == status)
+        query = query.where(Job.status == status.value)
     query = query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
     return list(session.scalars(query))
 
@@ -99,22 +95,13 @@ def cancel_job(*, session: Session, tenant: Tenant, job_id: str) -> Job:
     """Queued: cancelled at once. Running: flagged; the worker stops within seconds.
 
     Cancelling a cancelled job is a no-op; a succeeded or failed job cannot be cancelled (409).
-    Both updates are conditional on the status, so a worker starting the job concurrently either
-    sees `cancelled` (and skips it) or sees `cancel_requested` (and stops).
+    The race with a worker starting the job is settled in lifecycle.cancel.
     """
     job = get_job(session=session, tenant=tenant, job_id=job_id)
-    now = utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now)
-    )
-    session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
-    )
+    lifecycle.cancel(session, job_id=job.id, now=utcnow())
     session.commit()
     session.refresh(job)
-    if job.status in ("succeeded", "failed"):
+    if job.status in FINISHED - {JobStatus.CANCELLED}:
         raise Conflict(f"job {job.id} already {job.status}")
     return job
 
@@ -126,7 +113,7 @@ def to_public(job: Job) -> JobPublic:
     )  # fmt: skip
     return JobPublic(
         id=job.id, dataset_id=job.dataset_id, method=job.method, base_model=job.base_model,
-        params=job.params, status=cast(JobStatus, job.status), cancel_requested=job.cancel_requested,
+        params=job.params, status=JobStatus(job.status), cancel_requested=job.cancel_requested,
         progress=progress, attempts=job.attempts, model_id=job.model_id, error=job.error,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
     )  # fmt: skip

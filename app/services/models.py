@@ -16,7 +16,7 @@ from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, Zero
 from app.services import images as imgcheck
 from app.services.datasets import Upload
 from app.services.jobs import resolve_base_model, validate_params
-from app.storage import LocalStorage
+from app.storage import Storage
 
 
 @contextmanager
@@ -73,7 +73,7 @@ def list_models(*, session: Session, tenant: Tenant, limit: int, offset: int) ->
     return list(session.scalars(query))
 
 
-def delta_path(*, session: Session, storage: LocalStorage, tenant: Tenant, model_id: str) -> Path:
+def delta_path(*, session: Session, storage: Storage, tenant: Tenant, model_id: str) -> Path:
     """Local path of the model's delta file (409 when the file is missing)."""
     model = get_model(session=session, tenant=tenant, model_id=model_id)
     path = storage.path(model.delta_key)
@@ -82,7 +82,7 @@ def delta_path(*, session: Session, storage: LocalStorage, tenant: Tenant, model
     return path
 
 
-def delete_model(*, session: Session, storage: LocalStorage, tenant: Tenant, model_id: str) -> None:
+def delete_model(*, session: Session, storage: Storage, tenant: Tenant, model_id: str) -> None:
     """Delete the row; jobs keep their record (model_id null); the file goes when nothing uses it."""
     model = get_model(session=session, tenant=tenant, model_id=model_id)
     key = model.delta_key
@@ -99,7 +99,7 @@ def delete_model(*, session: Session, storage: LocalStorage, tenant: Tenant, mod
 def classify(
     *,
     session: Session,
-    storage: LocalStorage,
+    storage: Storage,
     settings: Settings,
     tenant: Tenant,
     model_id: str,

@@ -27,6 +27,7 @@ from app.main import create_app
 from app.models import Base
 from app.services import auth
 from migrations import upgrade
+from tests.fakes import RecordingQueue
 
 BASE_SPEC = "sparseshot-tiny:random"
 
@@ -101,20 +102,20 @@ def engine(settings: Settings) -> Iterator[Engine]:
 
 
 @pytest.fixture
-def enqueued(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Job ids handed to the queue (the real worker is exercised by the end-to-end tests)."""
-    import worker.dispatch
-
-    sent: list[str] = []
-    monkeypatch.setattr(worker.dispatch, "enqueue_training", sent.append)
-    monkeypatch.setattr(worker.dispatch, "broker_ready", lambda: True)
-    monkeypatch.setattr(worker.dispatch, "queue_depth", lambda: len(sent))
-    return sent
+def queue() -> RecordingQueue:
+    """The app's training queue: a recorder (the real worker is exercised by the end-to-end tests)."""
+    return RecordingQueue()
 
 
 @pytest.fixture
-def client(settings: Settings, enqueued: list[str]) -> Iterator[TestClient]:
-    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+def enqueued(queue: RecordingQueue) -> list[str]:
+    """Job ids handed to the queue."""
+    return queue.sent
+
+
+@pytest.fixture
+def client(settings: Settings, queue: RecordingQueue) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, queue=queue), raise_server_exceptions=False) as c:
         yield c
 
 

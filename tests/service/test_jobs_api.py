@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-import worker.dispatch
 from app.models import Job
+from tests.fakes import RecordingQueue
 
 
 def _set_status(engine, job_id: str, **values) -> None:
@@ -54,11 +53,8 @@ def test_job_needs_images_in_every_class(api, enqueued: list[str]) -> None:
     assert enqueued == []
 
 
-def test_failed_enqueue_marks_the_job_failed(api, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(job_id: str) -> None:
-        raise ConnectionError("broker down")
-
-    monkeypatch.setattr(worker.dispatch, "enqueue_training", broken)
+def test_failed_enqueue_marks_the_job_failed(api, queue: RecordingQueue) -> None:
+    queue.fail = ConnectionError("broker down")
     ds = api.ready_dataset()
     r = api.job(ds["id"])
     assert r.status_code == 202

@@ -55,3 +55,18 @@ def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(OSError):
         store.put(b"data")
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_derived_objects_live_and_go_with_their_source(tmp_path: Path) -> None:
+    store = LocalStorage(tmp_path)
+    key, other = store.put(b"image"), store.put(b"other image")
+    assert store.get_derived(key, "thumb-128.jpg") is None
+    store.put_derived(key, "thumb-128.jpg", b"small")
+    store.put_derived(other, "thumb-128.jpg", b"small too")
+    assert store.get_derived(key, "thumb-128.jpg") == b"small"
+    for bad in ("../x.jpg", "thumb.jpg/..", ".hidden", "a b.jpg", ""):
+        with pytest.raises(StorageError):
+            store.put_derived(key, bad, b"x")
+    store.delete(key)
+    assert not store.exists(key) and store.get_derived(key, "thumb-128.jpg") is None
+    assert store.get(other) == b"other image" and store.get_derived(other, "thumb-128.jpg") == b"small too"

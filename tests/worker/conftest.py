@@ -7,6 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from app.core.config import Settings, get_settings
+from app.runtime import Runtime
+from tests.fakes import RecordingQueue
 
 
 @pytest.fixture
@@ -26,3 +28,17 @@ def settings(tmp_path, monkeypatch) -> Iterator[Settings]:
     yield get_settings()
     db.dispose_engines()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def queue() -> RecordingQueue:
+    """The worker's queue (re-sends of the recovery sweep); reports an empty broker by default."""
+    return RecordingQueue(depth=0)
+
+
+@pytest.fixture
+def runtime(settings: Settings, queue: RecordingQueue) -> Iterator[Runtime]:
+    """The runtime context a worker process builds at its init, over the test settings."""
+    rt = Runtime.build(settings, queue=queue)
+    yield rt
+    rt.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from app.core.config import Settings
+from app.queue import Queue
 from worker import celery_app, dispatch
 
 REDIS_URL = "redis://127.0.0.1:6379/0"  # configuration only: nothing connects
@@ -25,38 +26,35 @@ def test_config_matches_the_training_contract(settings):
     assert opts["visibility_timeout"] >= 3600  # recovery does not rely on it (worker.recovery)
 
 
-def _use(monkeypatch, app) -> None:
-    monkeypatch.setattr(celery_app, "app", app)
+def test_embedded_broker_enqueue_and_depth(settings):
+    queue = dispatch.CeleryQueue.for_settings(settings)
+    assert isinstance(queue, Queue)
+    assert queue.ready()
+    assert queue.queue_depth() == 0
+    queue.enqueue_training("job-1")
+    queue.enqueue_training("job-2")
+    assert queue.queue_depth() == 2
 
 
-def test_embedded_broker_enqueue_and_depth(settings, monkeypatch):
-    _use(monkeypatch, celery_app.make_celery(settings))
-    assert dispatch.broker_ready()
-    assert dispatch.queue_depth() == 0
-    dispatch.enqueue_training("job-1")
-    dispatch.enqueue_training("job-2")
-    assert dispatch.queue_depth() == 2
-
-
-def test_redis_enqueue_and_depth(settings, monkeypatch, redis_url):
-    queue = f"sparseshot-test-{uuid.uuid4().hex[:8]}"
-    app = celery_app.make_celery(Settings(data_dir=settings.data_dir, broker_url=redis_url, queue_name=queue))
-    _use(monkeypatch, app)
+def test_redis_enqueue_and_depth(settings, redis_url):
+    name = f"sparseshot-test-{uuid.uuid4().hex[:8]}"
+    app = celery_app.make_celery(Settings(data_dir=settings.data_dir, broker_url=redis_url, queue_name=name))
+    queue = dispatch.CeleryQueue(app)
     try:
-        assert dispatch.broker_ready()
-        assert dispatch.queue_depth() == 0  # Redis has no key for an empty queue
-        dispatch.enqueue_training("job-1")
-        assert dispatch.queue_depth() == 1
+        assert queue.ready()
+        assert queue.queue_depth() == 0  # Redis has no key for an empty queue
+        queue.enqueue_training("job-1")
+        assert queue.queue_depth() == 1
     finally:
         with app.connection_for_write() as conn:
-            conn.default_channel.queue_delete(queue)
+            conn.default_channel.queue_delete(name)
 
 
-def test_unreachable_broker_is_not_ready(settings, monkeypatch):
+def test_unreachable_broker_is_not_ready(settings):
     bad = Settings(data_dir=settings.data_dir, broker_url="redis://127.0.0.1:1/0")
-    _use(monkeypatch, celery_app.make_celery(bad))
-    assert dispatch.broker_ready() is False
-    assert dispatch.queue_depth() is None
+    queue = dispatch.CeleryQueue.for_settings(bad)
+    assert queue.ready() is False
+    assert queue.queue_depth() is None
 
 
 def test_worker_main_process_does_not_import_torch():
@@ -64,7 +62,8 @@ def test_worker_main_process_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, worker.tasks, worker.recovery, worker.dispatch; print('torch' in sys.modules)"
+    modules = "worker.main, worker.tasks, worker.recovery, worker.dispatch"
+    code = f"import sys, {modules}; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"

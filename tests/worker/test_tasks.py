@@ -18,9 +18,12 @@ from PIL import Image as PILImage
 
 import sparseshot
 from app.db import session_scope
-from app.models import Dataset, Image, Job, Model, Tenant
+from app.jobs import lifecycle
+from app.jobs.status import JobStatus
+from app.models import Dataset, Image, Job, Model, Tenant, utcnow
 from app.storage import get_storage
 from worker import tasks
+from worker.claims import claim_job
 
 
 class FakeCancelled(Exception):
@@ -117,9 +120,9 @@ def get_job(job_id: str) -> Job:
         return job
 
 
-def test_success_creates_model_in_one_go(settings, fake_lib):
+def test_success_creates_model_in_one_go(settings, runtime, fake_lib):
     job_id = make_job()
-    assert tasks.run_job(job_id, worker="w1") == "succeeded"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
     job = get_job(job_id)
     assert job.status == "succeeded" and job.attempts == 1 and job.worker == "w1"
     assert job.step == 3 and job.loss == 0.25 and job.finished_at is not None
@@ -136,59 +139,60 @@ def test_success_creates_model_in_one_go(settings, fake_lib):
     assert not Path(call["checkpoint"]).exists()
 
 
-def test_duplicate_message_is_dropped(settings, fake_lib):
+def test_duplicate_message_is_dropped(settings, runtime, fake_lib):
     job_id = make_job()
-    assert tasks.run_job(job_id, worker="w1") == "succeeded"
-    assert tasks.run_job(job_id, worker="w2") == "skipped"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w2") == "skipped"
     assert len(fake_lib) == 1
     assert get_job(job_id).worker == "w1"
     with session_scope() as s:
         assert s.query(Model).count() == 1
 
 
-def test_job_running_elsewhere_is_not_run_twice(settings, fake_lib):
+def test_job_running_elsewhere_is_not_run_twice(settings, runtime, fake_lib):
     job_id = make_job()
-    assert tasks.claim_job(job_id, "w1") is not None
-    assert tasks.run_job(job_id, worker="w2") == "skipped"  # heartbeat is fresh
+    assert claim_job(runtime, job_id, "w1") is not None
+    assert tasks.run_job(job_id, runtime=runtime, worker="w2") == "skipped"  # heartbeat is fresh
     assert fake_lib == []
 
 
-def test_stale_running_job_is_taken_over_and_old_owner_cannot_write(settings, fake_lib):
+def test_stale_running_job_is_taken_over_and_old_owner_cannot_write(settings, runtime, fake_lib):
     job_id = make_job()
-    old = tasks.claim_job(job_id, "dead")
+    old = claim_job(runtime, job_id, "dead")
     assert old is not None
     with session_scope() as s:
-        s.get(Job, job_id).heartbeat_at = tasks.utcnow() - timedelta(seconds=60)
-    assert tasks.run_job(job_id, worker="w2") == "succeeded"
+        s.get(Job, job_id).heartbeat_at = utcnow() - timedelta(seconds=60)
+    assert tasks.run_job(job_id, runtime=runtime, worker="w2") == "succeeded"
     job = get_job(job_id)
     assert job.attempts == 2 and job.worker == "w2"
-    assert not tasks._update_owned(old, status="failed")  # the dead worker's late write is refused
+    with session_scope() as s:  # the dead worker's late write is refused
+        assert not lifecycle.finish(s, claim=old, status=JobStatus.FAILED, now=utcnow())
     assert get_job(job_id).status == "succeeded"
 
 
-def test_failure_is_recorded_with_reason(settings, monkeypatch, fake_lib):
+def test_failure_is_recorded_with_reason(settings, runtime, monkeypatch, fake_lib):
     monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory([], fail=RuntimeError("boom")))
     job_id = make_job()
-    assert tasks.run_job(job_id, worker="w1") == "failed"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "failed"
     job = get_job(job_id)
     assert job.status == "failed" and "RuntimeError: boom" in (job.error or "")
     assert job.finished_at is not None and job.model_id is None
 
 
-def test_deleted_dataset_fails_clearly(settings, fake_lib):
+def test_deleted_dataset_fails_clearly(settings, runtime, fake_lib):
     job_id = make_job()
     with session_scope() as s:
         job = s.get(Job, job_id)
         s.delete(s.get(Dataset, job.dataset_id))
-    assert tasks.run_job(job_id, worker="w1") == "failed"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "failed"
     assert "dataset was deleted" in (get_job(job_id).error or "")
 
 
-def test_cancel_while_running(settings, monkeypatch, fake_lib):
+def test_cancel_while_running(settings, runtime, monkeypatch, fake_lib):
     monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory([], steps=200, sleep=0.05))
     job_id = make_job()
     out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, worker="w1")))
+    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, runtime=runtime, worker="w1")))
     t.start()
     deadline = time.monotonic() + 5
     while get_job(job_id).step < 2 and time.monotonic() < deadline:
@@ -203,40 +207,40 @@ def test_cancel_while_running(settings, monkeypatch, fake_lib):
     assert job.status == "cancelled" and job.finished_at is not None and job.model_id is None
 
 
-def test_cancel_before_start_and_attempt_limit(settings, fake_lib):
+def test_cancel_before_start_and_attempt_limit(settings, runtime, fake_lib):
     job_id = make_job()
     with session_scope() as s:
         s.get(Job, job_id).cancel_requested = True
-    assert tasks.run_job(job_id, worker="w1") == "skipped"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "skipped"
     assert get_job(job_id).status == "cancelled"
 
     job_id = make_job()
     with session_scope() as s:
         s.get(Job, job_id).attempts = settings.job_max_attempts
-    assert tasks.run_job(job_id, worker="w1") == "skipped"
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "skipped"
     job = get_job(job_id)
     assert job.status == "failed" and "attempts" in (job.error or "")
     assert fake_lib == []
 
 
-def test_storage_error_after_training_leaves_job_for_recovery(settings, monkeypatch, fake_lib):
+def test_storage_error_after_training_leaves_job_for_recovery(settings, runtime, monkeypatch, fake_lib):
     def broken_store(delta, settings):
         raise OSError("disk full")
 
     monkeypatch.setattr(tasks, "_store_delta", broken_store)
     job_id = make_job()
     with pytest.raises(OSError):
-        tasks.run_job(job_id, worker="w1")
+        tasks.run_job(job_id, runtime=runtime, worker="w1")
     job = get_job(job_id)
     assert job.status == "running" and job.model_id is None  # the sweep re-queues it after the timeout
 
 
 @pytest.mark.parametrize("method", ["so", "lora"])
-def test_real_training_produces_a_servable_model(settings, method):
+def test_real_training_produces_a_servable_model(settings, runtime, method):
     from app.services import inference
 
     job_id = make_job(params={"n_iters": 2, "batch_size": 4}, method=method)
-    assert tasks.run_job(job_id, worker="w1") == "succeeded", get_job(job_id).error
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded", get_job(job_id).error
     job = get_job(job_id)
     assert job.total_steps == 4 and job.step == 4
     with session_scope() as s:
@@ -252,7 +256,7 @@ def test_real_training_produces_a_servable_model(settings, method):
 
 _MMAP_PROBE = """
 import ctypes, sys
-from worker.tasks import keep_freed_memory
+from worker.memory import keep_freed_memory
 class Info(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]

@@ -4,25 +4,26 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import func, select
 
 from app import db
+from app.api.deps import RuntimeDep
+from app.jobs.status import JobStatus
 from app.metrics import JOBS, QUEUE_DEPTH
-from app.models import JOB_STATUSES, Job
+from app.models import Job
+from app.queue import Queue
 from app.schemas import Readiness
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
 
 
-def _broker_ready() -> bool:
+def _broker_ready(queue: Queue) -> bool:
     try:
-        from worker.dispatch import broker_ready
-
-        return bool(broker_ready())
+        return bool(queue.ready())
     except Exception:
         log.exception("broker check failed")
         return False
@@ -40,14 +41,22 @@ def _base_ready() -> bool:
 
 @router.get("/healthz")
 def healthz() -> dict[str, str]:
+    """Liveness.
+
+    `{"status": "ok"}` while the process answers.
+    """
     return {"status": "ok"}
 
 
 @router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-def readyz(request: Request) -> JSONResponse:
+def readyz(runtime: RuntimeDep) -> JSONResponse:
+    """Readiness.
+
+    200 when the database, the broker and the base model are usable, else 503 with each check.
+    """
     checks = {
-        "database": db.ping(request.app.state.engine),
-        "broker": _broker_ready(),
+        "database": db.ping(runtime.engine),
+        "broker": _broker_ready(runtime.queue),
         "base_model": _base_ready(),
     }
     ok = all(checks.values())
@@ -55,25 +64,23 @@ def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 
-def _refresh_gauges(request: Request) -> None:
+def _refresh_gauges(runtime: RuntimeDep) -> None:
     # Computed at scrape time from the database and the broker.
     try:
-        with request.app.state.engine.connect() as conn:
+        with runtime.engine.connect() as conn:
             counts = dict(conn.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-        for s in JOB_STATUSES:
-            JOBS.labels(s).set(counts.get(s, 0))
+        for s in JobStatus:
+            JOBS.labels(s.value).set(counts.get(s.value, 0))
     except Exception:
         log.exception("job counts unavailable")
     try:
-        from worker.dispatch import queue_depth
-
-        depth = queue_depth()
+        depth = runtime.queue.queue_depth()
     except Exception:
         depth = None
     QUEUE_DEPTH.set(-1 if depth is None else depth)
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(request: Request) -> Response:
-    _refresh_gauges(request)
+def metrics(runtime: RuntimeDep) -> Response:
+    _refresh_gauges(runtime)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

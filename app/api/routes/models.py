@@ -19,6 +19,11 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 def create_zeroshot(
     body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep
 ) -> ModelPublic:
+    """Create a zero-shot model.
+
+    A classifier of the base model from the class names alone (no training): each class's text
+    embedding of `template` (with `{}` for the name).
+    """
     return svc.to_public(svc.create_zeroshot(session=session, settings=settings, tenant=tenant, body=body))
 
 
@@ -28,17 +33,29 @@ def list_models(
     tenant: TenantDep,
     page: PageDep,
 ) -> list[ModelPublic]:
+    """List your models.
+
+    Newest first, `limit` per page from `offset`.
+    """
     rows = svc.list_models(session=session, tenant=tenant, limit=page.limit, offset=page.offset)
     return [svc.to_public(m) for m in rows]
 
 
 @router.get("/{model_id}")
 def get_model(model_id: str, session: SessionDep, tenant: TenantDep) -> ModelPublic:
+    """Get a model.
+
+    Its classes, base model, method, delta size and training metrics.
+    """
     return svc.to_public(svc.get_model(session=session, tenant=tenant, model_id=model_id))
 
 
 @router.delete("/{model_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep) -> Response:
+    """Delete a model.
+
+    The delta file goes once no other model uses it.
+    """
     svc.delete_model(session=session, storage=storage, tenant=tenant, model_id=model_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -51,6 +68,10 @@ def delete_model(model_id: str, session: SessionDep, tenant: TenantDep, storage:
 def download_delta(
     model_id: str, session: SessionDep, tenant: TenantDep, storage: StorageDep
 ) -> FileResponse:
+    """Download a model's sparse delta.
+
+    The weight changes over the base model as a safetensors file.
+    """
     path = svc.delta_path(session=session, storage=storage, tenant=tenant, model_id=model_id)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.safetensors")
 
@@ -65,6 +86,10 @@ def classify(
     files: Annotated[list[UploadFile], File(description="Images to classify.")],
     top_k: Annotated[int, Form(ge=1)] = 5,
 ) -> ClassifyPublic:
+    """Classify images with a model.
+
+    For each of `files`, the `top_k` classes with their scores, best first.
+    """
     return svc.classify(
         session=session,
         storage=storage,

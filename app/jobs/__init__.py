@@ -1,0 +1,1 @@
+"""The training job's state machine: its statuses (`status`) and every transition (`lifecycle`)."""

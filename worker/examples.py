@@ -1,0 +1,49 @@
+"""A job's training examples: the dataset's classes, its images decoded from storage, their labels."""
+
+from __future__ import annotations
+
+import io
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+
+from app.db import session_scope
+from app.jobs.lifecycle import Claim
+from app.models import Dataset, Image
+from app.runtime import Runtime
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+
+class JobError(Exception):
+    """A job that cannot run as submitted (reason shown to the client)."""
+
+
+def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILImage], list[int]]:
+    """The dataset's classes, its images (RGB PIL) and their label indices."""
+    # PIL only in the pool process that trains (the worker's main process stays light).
+    from PIL import Image as PILImageModule
+
+    if claim.dataset_id is None:
+        raise JobError("the dataset was deleted")
+    with session_scope(runtime.engine) as s:
+        dataset = s.get(Dataset, claim.dataset_id)
+        if dataset is None:
+            raise JobError("the dataset was deleted")
+        classes = list(dataset.classes)
+        rows = s.execute(
+            select(Image.storage_key, Image.label).where(Image.dataset_id == claim.dataset_id)
+            .order_by(Image.created_at, Image.id)
+        ).all()
+    if not rows:
+        raise JobError("the dataset has no images")
+    index = {c: i for i, c in enumerate(classes)}
+    images, labels = [], []
+    for key, label in rows:
+        if label not in index:
+            raise JobError(f"image label {label!r} is not a class of the dataset")
+        with PILImageModule.open(io.BytesIO(runtime.storage.get(key))) as im:
+            images.append(im.convert("RGB"))
+        labels.append(index[label])
+    return classes, images, labels
