@@ -294,7 +294,7 @@ class SOConfig(_Config):
     batch_size: int = _hp(32, _BATCH, "images per step (at most the number of images)")
     n_iters: int = _hp(2000, Int(1, 10**7), "planned steps per shot (steps = n_iters x shots)")
     early_stop_loss: float = _hp(0.01, Float(0.0, 1e9), "stop once an epoch's mean loss falls below")
-    delta_budget: float = _hp(1.0, Float(0.0, 1.0, lo_open=True),
+    delta_budget: float = _hp(0.05, Float(0.0, 1.0, lo_open=True),
                               "fraction of the trained entries the stored delta may hold (1 = all changed)")
     refine_fraction: float = _hp(0.25, Float(0.0, 1.0),
                                  "re-training steps on the kept entries, as a fraction of the steps run")

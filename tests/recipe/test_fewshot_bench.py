@@ -15,8 +15,9 @@ TINY = "sparseshot-tiny:random"
 FAST = ["--seeds", "1", "--so-iters", "1", "--lora-iters", "1", "--device", "cpu", "--quiet"]
 
 
-def _check_table(table: dict, tasks: list[str], methods: list[str], shots: list[str]) -> None:
-    assert set(table["average"]) == set(methods)
+def _check_table(table: dict, tasks: list[str], methods: list[str], shots: list[str],
+                 budget_rows: tuple[str, ...] = ()) -> None:
+    assert set(table["average"]) == set(methods) | set(budget_rows)
     for m in methods:
         assert set(table["average"][m]) == set(shots)
         assert all(0.0 <= v <= 100.0 for v in table["average"][m].values())
@@ -26,7 +27,7 @@ def _check_table(table: dict, tasks: list[str], methods: list[str], shots: list[
             for k in shots:
                 cell = table["tasks"][t][m][k]
                 assert set(cell) == {"mean", "std"} and cell["std"] >= 0
-    assert set(table["train_seconds"]) == set(methods)
+    assert set(table["train_seconds"]) == set(methods) | set(budget_rows)
 
 
 def _image(path, colour) -> None:
@@ -102,7 +103,8 @@ def test_offline_quick_mode_json_shape(tmp_path):
                        "--json", str(out), *FAST])
     assert rc == 0
     table = json.loads(out.read_text())
-    _check_table(table, ["shifted_shapes", "digits"], ["zeroshot", "so", "lora"], ["1", "4"])
+    _check_table(table, ["shifted_shapes", "digits"], ["zeroshot", "so", "lora"], ["1", "4"],
+                 budget_rows=("so@0.05", "so@0.01"))
     cfg = table["config"]
     assert cfg["mode"] == "quick" and cfg["methods"]["so"]["density"] == pytest.approx(5e-4 * 36)
     assert cfg["methods"]["lora"]["n_iters"] == 1
