@@ -22,6 +22,13 @@ def base():
     return sparseshot.load_base("sparseshot-tiny:random", device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _every_step_progress(monkeypatch):
+    import sparseshot.train
+
+    monkeypatch.setattr(sparseshot.train, "PROGRESS_EVERY_S", 0.0)
+
+
 def _data(per_class: int = 4):
     images, labels = [], []
     for i in range(per_class * len(CLASSES)):
