@@ -1,4 +1,5 @@
-"""The `sparseshot` command: serve, worker, migrate, keys, bench.
+"""The `sparseshot` command: serve, worker, migrate, keys, bench; and, over the HTTP API through
+`sparseshot.client`: datasets, train, jobs, classify, models, demo.
 
 This is where the processes are assembled, so it is the one module of `app/` that imports
 `worker/` (the Celery-backed queue, the worker): tests/engine/test_layers.py allows it here only.
@@ -8,11 +9,12 @@ Imports are inside the commands so that `--help` stays fast.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.core.config import Settings
@@ -43,14 +45,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
-    from app.services import inference
+    from app.services import bases
     from worker.dispatch import CeleryQueue
     from worker.embedded import EmbeddedWorker
 
     settings = _settings()
     if not args.no_migrate:
         cmd_migrate(args)
-    inference.warm_up()  # load the base model in the background while the server starts
+    bases.warm_up()  # load the base model in the background while the server starts
     embedded = None
     if not settings.broker_url and not args.no_worker:
         embedded = EmbeddedWorker(settings.queue_name).start()
@@ -106,6 +108,8 @@ BENCHES = {
     "train-step": "benchmarks.train_step",
     "fewshot": "benchmarks.fewshot",
     "delta-size": "benchmarks.delta_size",
+    "serving": "benchmarks.serving",
+    "job-step": "benchmarks.job_step",
 }
 
 
@@ -118,6 +122,250 @@ def run_bench(argv: Sequence[str]) -> int:
         return 2
     rc = importlib.import_module(BENCHES[argv[0]]).main(list(argv[1:]))
     return int(rc or 0)
+
+
+# ---------------------------------------------------------------- client commands (HTTP API)
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from sparseshot.client import Client
+
+    return Client(args.url, args.key)
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    cells = [list(map(str, header))] + [[("-" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for r in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    c = _client(args)
+    if args.datasets_cmd == "create":
+        ds = c.create_dataset(args.name, [x.strip() for x in args.classes.split(",") if x.strip()])
+        print(f"created dataset {ds['name']!r} with classes {', '.join(ds['classes'])}")
+        print(ds["id"])
+    elif args.datasets_cmd == "upload":
+        added = rejected = 0
+        for source in args.sources:
+            out = c.upload(args.dataset, source, label=args.label)
+            added += len(out["added"])
+            rejected += len(out["rejected"])
+            for r in out["rejected"]:
+                print(f"rejected {r['filename']}: {r['detail']}", file=sys.stderr)
+        print(f"added {added} image(s), rejected {rejected}")
+    elif args.datasets_cmd == "list":
+        _table([(d["id"], d["name"], sum(d["image_counts"].values()), ", ".join(d["classes"]))
+                for d in c.list_datasets()], ["ID", "NAME", "IMAGES", "CLASSES"])
+    else:
+        _print_json(c.get_dataset(args.dataset))
+    return 0
+
+
+def _wait(job: Any, timeout: float | None) -> int:
+    from sparseshot.client import JobFailed
+
+    try:
+        job.wait(progress=True, timeout=timeout)
+    except JobFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"job {job.id} succeeded: model {job.model_id}")
+    print(job.model_id)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    c = _client(args)
+    params = json.loads(args.params) if args.params else {}
+    job = c.train(args.dataset, method=args.method, preset=args.preset, params=params,
+                  base_model=args.base_model)
+    est = job.data.get("estimated_seconds")
+    print(f"job {job.id} {job.status} (preset {job.data.get('preset')}, "
+          f"estimated {'unknown' if est is None else f'{est:.0f} s'})", file=sys.stderr)
+    if args.wait:
+        return _wait(job, args.timeout)
+    print(job.id)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    c = _client(args)
+    if args.jobs_cmd == "list":
+        rows = [(j.id, j.status, j.data["method"], j.data.get("preset"), j.progress.get("step"),
+                 j.progress.get("total_steps"), j.model_id) for j in c.list_jobs(status=args.status)]
+        _table(rows, ["ID", "STATUS", "METHOD", "PRESET", "STEP", "TOTAL", "MODEL"])
+    elif args.jobs_cmd == "show":
+        _print_json(c.get_job(args.job).data)
+    elif args.jobs_cmd == "wait":
+        return _wait(c.get_job(args.job), args.timeout)
+    else:
+        job = c.cancel(args.job)
+        print(f"job {job.id}: {job.status}{' (cancel requested)' if job.data['cancel_requested'] else ''}")
+    return 0
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from sparseshot.client import expand_images
+
+    c = _client(args)
+    preds = c.classify(args.model, expand_images(args.images), top_k=args.top_k)
+    if args.json:
+        _print_json(preds)
+        return 0
+    for p in preds:
+        labels = "  ".join(f"{lab['label']} {lab['score']:.3f}" for lab in p["labels"])
+        print(f"{p['filename']}: {labels}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    c = _client(args)
+    if args.models_cmd == "list":
+        _table([(m["id"], m["method"], m["status"], m["delta"]["nnz"], ", ".join(m["classes"]))
+                for m in c.list_models()], ["ID", "METHOD", "STATUS", "NNZ", "CLASSES"])
+    elif args.models_cmd == "show":
+        _print_json(c.get_model(args.model))
+    elif args.models_cmd == "evaluate":
+        try:
+            _print_json(c.evaluate(args.model, args.dataset))
+        except NotImplementedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    else:
+        path = c.download_delta(args.model, args.output)
+        print(f"saved the delta of model {args.model} to {path}")
+        print(path)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole flow on the bundled sample dataset: dataset, upload, train, wait, classify."""
+    import tempfile
+    from pathlib import Path
+
+    from sparseshot import sample_data
+
+    c = _client(args)
+    with tempfile.TemporaryDirectory(prefix="sparseshot-demo-") as tmp:
+        root = sample_data.generate(Path(tmp), per_class=args.per_class, queries=2)
+        classes = list(sample_data.CLASSES)
+        ds = c.create_dataset("sparseshot demo", classes)
+        print(f"1. dataset {ds['id']} with classes {', '.join(classes)}")
+        up = c.upload(ds, root / "train")
+        print(f"2. uploaded {len(up['added'])} generated images ({len(up['rejected'])} rejected)")
+        params = json.loads(args.params) if args.params else {}
+        job = c.train(ds, preset=args.preset, params=params)
+        est = job.data.get("estimated_seconds")
+        print(f"3. job {job.id} (preset {args.preset}, estimated "
+              f"{'unknown' if est is None else f'{est:.0f} s'})")
+        rc = _wait(job, args.timeout)
+        if rc:
+            return rc
+        queries = sorted((root / "query").glob("*.png"))
+        preds = c.classify(job.model_id, queries, top_k=1)
+        right = 0
+        print("4. classify held-out images:")
+        for q, p in zip(queries, preds, strict=True):
+            truth, top = q.stem.rsplit("_q", 1)[0].replace("_", " "), p["labels"][0]
+            right += truth == top["label"]
+            print(f"   {q.name}: {top['label']} ({top['score']:.2f})")
+        print(f"   {right}/{len(queries)} correct; history: {len(c.history(job))} points")
+    return 0
+
+
+def _guarded(func: Any) -> Any:
+    """A client command whose API, connection and input errors print one line and exit 1."""
+
+    def run(args: argparse.Namespace) -> int:
+        import httpx
+
+        from sparseshot.client import ApiError
+
+        try:
+            return int(func(args) or 0)
+        except ApiError as e:
+            print(f"error: {e}", file=sys.stderr)
+        except httpx.TransportError as e:
+            print(f"error: cannot reach {args.url or 'the API'}: {e}", file=sys.stderr)
+        except (TimeoutError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    return run
+
+
+def _add_client_commands(sub: Any) -> None:
+    conn = argparse.ArgumentParser(add_help=False)
+    conn.add_argument("--url", default=None, help="API URL (default $SPARSESHOT_URL or http://127.0.0.1:8000)")
+    conn.add_argument("--key", default=None, help="API key (default $SPARSESHOT_API_KEY)")
+
+    d = sub.add_parser("datasets", help="datasets over the HTTP API")
+    ds = d.add_subparsers(dest="datasets_cmd", required=True)
+    dc = ds.add_parser("create", parents=[conn], help="create a dataset (its id on the last line)")
+    dc.add_argument("name")
+    dc.add_argument("--classes", required=True, help="comma-separated class names")
+    du = ds.add_parser("upload", parents=[conn], help="upload a class-folder tree, a .zip, or files")
+    du.add_argument("dataset")
+    du.add_argument("sources", nargs="+", help="folder (one subfolder per class), .zip, or images")
+    du.add_argument("--label", default=None, help="class of the given files / folder")
+    ds.add_parser("list", parents=[conn], help="list datasets")
+    dsh = ds.add_parser("show", parents=[conn], help="one dataset as JSON")
+    dsh.add_argument("dataset")
+    d.set_defaults(func=_guarded(cmd_datasets))
+
+    t = sub.add_parser("train", parents=[conn], help="start a training job (--wait: progress bar)")
+    t.add_argument("dataset")
+    t.add_argument("--method", default="so", choices=["so", "lora"])
+    t.add_argument("--preset", default="standard", choices=["quick", "standard", "thorough"])
+    t.add_argument("--params", default=None, help='JSON hyperparameters over the preset: \'{"lr": 1e-3}\'')
+    t.add_argument("--base-model", default=None)
+    t.add_argument("--wait", action="store_true", help="wait with a progress bar; the model id last")
+    t.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
+    t.set_defaults(func=_guarded(cmd_train))
+
+    j = sub.add_parser("jobs", help="training jobs over the HTTP API")
+    js = j.add_subparsers(dest="jobs_cmd", required=True)
+    jl = js.add_parser("list", parents=[conn], help="list jobs")
+    jl.add_argument("--status", default=None)
+    for name, text in (("show", "one job as JSON"), ("cancel", "cancel a job"), ("wait", "wait for a job")):
+        jx = js.add_parser(name, parents=[conn], help=text)
+        jx.add_argument("job")
+        if name == "wait":
+            jx.add_argument("--timeout", type=float, default=None)
+    j.set_defaults(func=_guarded(cmd_jobs))
+
+    c = sub.add_parser("classify", parents=[conn], help="classify images with a model")
+    c.add_argument("model")
+    c.add_argument("images", nargs="+", help="image files or folders")
+    c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--json", action="store_true", help="print the predictions as JSON")
+    c.set_defaults(func=_guarded(cmd_classify))
+
+    mo = sub.add_parser("models", help="models over the HTTP API")
+    ms = mo.add_subparsers(dest="models_cmd", required=True)
+    ms.add_parser("list", parents=[conn], help="list models")
+    msh = ms.add_parser("show", parents=[conn], help="one model as JSON")
+    msh.add_argument("model")
+    me = ms.add_parser("export", parents=[conn], help="download the model's sparse delta (safetensors)")
+    me.add_argument("model")
+    me.add_argument("-o", "--output", default=None, help="file or folder (default ./<id>.safetensors)")
+    mev = ms.add_parser("evaluate", parents=[conn], help="evaluate on a labelled dataset (if served)")
+    mev.add_argument("model")
+    mev.add_argument("dataset")
+    mo.set_defaults(func=_guarded(cmd_models))
+
+    de = sub.add_parser("demo", parents=[conn], help="the whole flow on a generated sample dataset")
+    de.add_argument("--preset", default="quick", choices=["quick", "standard", "thorough"])
+    de.add_argument("--params", default=None, help="JSON hyperparameters over the preset")
+    de.add_argument("--per-class", type=int, default=6, help="training images per class")
+    de.add_argument("--timeout", type=float, default=None)
+    de.set_defaults(func=_guarded(cmd_demo))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.set_defaults(func=cmd_keys)
 
     # Listed for --help; main() hands `bench ...` to the benchmark's own parser.
-    sub.add_parser("bench", help="benchmarks: bench {train-step,fewshot,delta-size} [options]")
+    names = ",".join(BENCHES)
+    sub.add_parser("bench", help=f"benchmarks: bench {{{names}}} [options]")
+    _add_client_commands(sub)
     return p
 
 

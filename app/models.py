@@ -125,6 +125,7 @@ class Model(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     # The job that produced it (no foreign key: jobs.model_id already points here).
     job_id: Mapped[str | None] = mapped_column(String(36), index=True, default=None)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)  # the client's label, if any
     status: Mapped[str] = mapped_column(String(16), default="ready")
     classes: Mapped[list[str]] = mapped_column()
     base_model: Mapped[str] = mapped_column(String(200))
@@ -149,6 +150,12 @@ class Job(Base):
     method: Mapped[str] = mapped_column(String(32))
     base_model: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    preset: Mapped[str | None] = mapped_column(String(32), default=None)
+    # steps x measured step time for the base, method and device, at creation (None: unmeasured).
+    estimated_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    # Where the latest attempt trained: device string and library versions (written by the worker).
+    device: Mapped[str | None] = mapped_column(String(64), default=None)
+    versions: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     # A JobStatus value; written only by app.jobs.lifecycle.
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -167,3 +174,20 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobHistory(Base):
+    """One point of a job's training curve (written by the worker every few steps)."""
+
+    __tablename__ = "job_history"
+    __table_args__ = (Index("ix_job_history_job_step", "job_id", "step"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float, default=None)
+    train_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    lr: Mapped[float | None] = mapped_column(Float, default=None)
+    val_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
+    elapsed_s: Mapped[float | None] = mapped_column(Float, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

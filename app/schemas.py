@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_vali
 from app.jobs.status import JobStatus
 
 ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+PresetName = Literal["quick", "standard", "thorough"]  # = sparseshot.presets.PRESETS (a test checks)
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -83,7 +85,7 @@ class JobCreate(RequestBody):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
-                {"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10", "method": "so",
+                {"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10", "method": "so", "preset": "quick",
                  "params": {"n_iters": 50, "lr": 0.01}},
             ]
         }
@@ -92,6 +94,11 @@ class JobCreate(RequestBody):
     dataset_id: str
     method: Literal["so", "lora"] = "so"
     base_model: str | None = None
+    preset: PresetName = Field(
+        default="standard",
+        description="Named hyperparameters (quick / standard = the paper's recipe / thorough); "
+        "`params` override its values.",
+    )
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -109,6 +116,14 @@ class JobPublic(BaseModel):
     method: str
     base_model: str
     params: dict[str, Any]
+    preset: str | None = None
+    estimated_seconds: float | None = Field(
+        default=None,
+        description="Planned steps x the measured step time of this base and method on the worker's "
+        "device, at creation (null: no measured figure); `progress.eta_seconds` follows the run.",
+    )
+    device: str | None = Field(default=None, description="Device of the latest training attempt.")
+    versions: dict[str, str] | None = Field(default=None, description="Library versions it trained with.")
     status: JobStatus
     cancel_requested: bool
     progress: JobProgress
@@ -118,6 +133,19 @@ class JobPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class HistoryPoint(BaseModel):
+    step: int
+    loss: float | None
+    train_accuracy: float | None
+    lr: float | None
+    val_accuracy: float | None
+    elapsed_s: float | None
+
+
+class JobHistoryPublic(BaseModel):
+    items: list[HistoryPoint]
 
 
 class ZeroshotCreate(RequestBody):
@@ -130,6 +158,7 @@ class ZeroshotCreate(RequestBody):
     template: str | None = Field(
         default=None, max_length=500, description="Prompt with '{}' for the class name."
     )
+    name: ModelName | None = None
 
     _check_unique = field_validator("classes")(_unique)
 
@@ -142,6 +171,7 @@ class DeltaInfo(BaseModel):
 
 class ModelPublic(BaseModel):
     id: str
+    name: str | None = None
     status: str
     classes: list[str]
     base_model: str

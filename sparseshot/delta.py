@@ -335,6 +335,20 @@ class SparseDelta:
         self.lowrank.append(_LowRank(name, int(row_start), B32, A32, float(scale), numel))
         self._nbytes = None
 
+    def add_sparse(self, name: str, base: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+        """Record ``W.flatten()[indices] = values`` ("assign" mode) for parameter `name` of base value
+        `base`, without comparing whole tensors; indices ascending and distinct, values in W's dtype
+        or fp32. Benchmarks and tools that know what they changed use it."""
+        n = base.numel()
+        kind = torch.int32 if n < _INT32_LIMIT else torch.int64
+        value_dtype = torch.float32 if base.dtype in (torch.float16, torch.bfloat16) else base.dtype
+        vals = values.detach().to(value_dtype).cpu().contiguous()
+        entry = _Entry(name, tuple(base.shape), base.dtype, "sparse", "assign", vals,
+                       indices.to(kind).cpu().contiguous(), int(indices.numel()))
+        _validate_entry(entry)
+        self.entries.append(entry)
+        self._nbytes = None
+
     # ---- properties -----------------------------------------------------------------------------
 
     @property
@@ -498,6 +512,22 @@ class SparseDelta:
         for name in json.loads(fields["extras"]):
             delta.extras[name] = tensors[f"extra.{name}"]
         return delta
+
+    def adapted_tensor(self, name: str, base: torch.Tensor, *, lowrank: bool = True) -> torch.Tensor:
+        """A new tensor: `base` (the base model's parameter `name`) with this delta's entries for
+        `name` written as `apply` writes them (then its low-rank blocks when `lowrank`).
+
+        `base` itself is never written, so this is safe on a shared model (serving preparation).
+        """
+        out = base.detach().clone().contiguous()
+        with torch.no_grad():
+            for e in self.entries:
+                if e.name == name:
+                    _apply_entry(out, e)
+            for lr in self.lowrank if lowrank else ():
+                if lr.name == name:
+                    _apply_lowrank(out, lr)
+        return out
 
     # ---- checking and applying ------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ from sparseshot.train import (
     Cancelled,
     Progress,
     Run,
+    planned_steps,
     result_meta,
     trainable_weights,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "adapt",
     "adapt_budgets",
     "hparam_defaults",
+    "planned_steps",
     "trainable_weights",
     "validate_hparams",
 ]

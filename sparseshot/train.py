@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from sparseshot.checkpoint import CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_STEPS, CheckpointFile, run_key
 from sparseshot.prompts import DEFAULT_TEMPLATE, embed_tokens, format_prompts, text_features
 
-__all__ = ["SO_WEIGHTS", "AdaptResult", "Cancelled", "Progress", "Run", "result_meta", "trainable_weights"]
+__all__ = ["SO_WEIGHTS", "AdaptResult", "Cancelled", "Progress", "Run", "planned_steps", "result_meta",
+           "trainable_weights"]
 
 # Per block, the weights the SO recipe trains (names relative to a residual block).
 SO_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -55,6 +56,8 @@ class Progress:
     loss: float  # mean loss over the current epoch so far
     train_accuracy: float  # accuracy on the augmented batches of the current epoch so far
     eta_seconds: float  # estimated seconds left for the planned steps
+    lr: float | None = None  # learning rate of the step just taken (first param group)
+    elapsed_seconds: float | None = None  # training seconds so far (across resumes)
 
 
 @dataclass
@@ -81,6 +84,13 @@ def trainable_weights(
                 raise ValueError(f"model has no parameter {name!r} (not an open_clip ViT CLIP?)")
             out[name] = params[name]
     return out
+
+
+def planned_steps(hparams: Mapping[str, Any], n_images: int, n_classes: int) -> tuple[int, int, int]:
+    """(shots, total steps, batch) of a run: shots = round(N / C) >= 1, n_iters steps per shot
+    (the main phase; a budgeted SO run adds its refine steps once pruning shows they are needed)."""
+    shots = max(1, round(n_images / max(1, n_classes)))
+    return shots, int(hparams["n_iters"]) * shots, min(int(hparams["batch_size"]), max(1, n_images))
 
 
 def result_meta(base: Any, classes: Sequence[str], method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -127,10 +137,8 @@ class Run:
         self.on_progress, self.should_stop = on_progress, should_stop
         self.ckpt = CheckpointFile(checkpoint, run_key(method, hp, classes, labels, base.fingerprint, images))
         self.device = torch.device(base.device)
-        n, c = len(images), len(classes)
-        self.shots = max(1, round(n / c))
-        self.total_steps = hp["n_iters"] * self.shots
-        self.batch = min(hp["batch_size"], n)
+        n = len(images)
+        self.shots, self.total_steps, self.batch = planned_steps(hp, n, len(classes))
         self.steps_per_epoch = math.ceil(n / self.batch)
         self.labels_t = torch.tensor(labels, dtype=torch.long)
 
@@ -417,7 +425,8 @@ class Run:
         acc = self.epoch_correct / max(1, self.epoch_seen)
         planned = self._planned()
         eta = max(0.0, rate * (planned - self.step))
-        return Progress(self.step, planned, loss, acc, eta)
+        lr = float(self.opt.param_groups[0]["lr"])
+        return Progress(self.step, planned, loss, acc, eta, lr, elapsed)
 
     # ---- result ------------------------------------------------------------------------------
 

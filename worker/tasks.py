@@ -15,12 +15,14 @@ from typing import Any
 
 from celery import shared_task, signals
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.db import dispose_engines, session_scope
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Claim, JobStatus
-from app.models import Model, utcnow
+from app.models import utcnow
 from app.runtime import Runtime
+from app.services import bases, history
+from app.services import models as model_service
 from app.storage import get_storage
 from worker import context
 from worker.celery_app import TRAIN_TASK
@@ -37,22 +39,10 @@ MAX_ERROR_CHARS = 2000
 
 # ---------------------------------------------------------------- base models, once per process
 
-_bases: dict[str, Any] = {}
-_bases_lock = threading.Lock()
-
 
 def get_base(spec: str) -> Any:
-    """sparseshot.load_base(spec), loaded once per worker process (thread-safe)."""
-    with _bases_lock:
-        base = _bases.get(spec)
-        if base is None:
-            import sparseshot
-
-            settings = get_settings()
-            base = sparseshot.load_base(spec, device=settings.device or None,
-                                        cache_dir=settings.model_download_dir)
-            _bases[spec] = base
-        return base
+    """The process's base model for `spec`, from the one registry (app.services.bases)."""
+    return bases.get_base(spec)
 
 
 @signals.worker_process_init.connect
@@ -84,21 +74,19 @@ def checkpoint_path(job_id: str, settings: Settings) -> Path:
 
 def _store_delta(delta: Any, settings: Settings) -> str:
     """Save the delta into content-addressed storage (written atomically there); returns its key."""
-    return get_storage().put(delta.to_bytes())
+    return model_service.store_delta(storage=get_storage(), delta=delta)
 
 
 def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> bool:
     """Model row + job succeeded in ONE transaction; False (nothing written) if not ours anymore."""
     delta = result.delta
-    meta = getattr(delta, "meta", {}) or {}
-    template = meta.get("template") or claim.params.get("template")
+    delta.meta.setdefault("classes", classes)
+    if not delta.meta.get("template") and claim.params.get("template"):
+        delta.meta["template"] = claim.params["template"]
     with session_scope() as s:
-        model = Model(tenant_id=claim.tenant_id, job_id=claim.job_id, classes=classes,
-                      base_model=claim.base_model, method=claim.method, template=template,
-                      delta_key=key, nnz=int(delta.nnz), nbytes=int(delta.nbytes),
-                      density=float(delta.density), metrics=_jsonable(result.metrics))
-        s.add(model)
-        s.flush()
+        model = model_service.add_model(session=s, tenant_id=claim.tenant_id, delta=delta, key=key,
+                                        base_model=claim.base_model, method=claim.method,
+                                        job_id=claim.job_id, metrics=_jsonable(result.metrics))
         metrics = result.metrics or {}
         step = int(metrics["steps"]) if metrics.get("steps") else None
         if not lifecycle.succeed(s, claim=claim, model_id=model.id, now=utcnow(), step=step,
@@ -153,6 +141,7 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
     try:
         classes, images, labels = load_examples(claim, runtime)
         base = get_base(claim.base_model)
+        history.record_environment(claim=claim, device=getattr(base, "device", None), engine=runtime.engine)
         if watcher.should_stop():
             raise sparseshot.Cancelled()
         result = sparseshot.adapt(

@@ -16,6 +16,7 @@ from app.jobs import lifecycle
 from app.jobs.lifecycle import Claim
 from app.models import utcnow
 from app.runtime import Runtime
+from app.services import history
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,11 @@ def progress_writer(claim: Claim, runtime: Runtime) -> Callable[[Any], None]:
     """on_progress callback: writes step/total/loss/acc/eta at most every progress_interval_s
     (always the final step)."""
     last = [0.0]
+    record_history = history.progress_recorder(
+        claim=claim, every_steps=runtime.settings.history_every_steps, engine=runtime.engine)
 
     def on_progress(p: Any) -> None:
+        record_history(p)  # every few steps, its own rule
         now = time.monotonic()
         final = p.total_steps is not None and p.step >= p.total_steps
         if not final and now - last[0] < runtime.settings.progress_interval_s:

@@ -43,11 +43,23 @@ class Settings(BaseSettings):
     max_top_k: int = Field(default=100, gt=0)
 
     # Serving and training.
-    model_cache_bytes: int = Field(default=1024 * MB, ge=0)
+    model_cache_bytes: int = Field(default=1024 * MB, ge=0)  # prepared deltas held in memory
+    max_delta_bytes: int = Field(default=512 * MB, gt=0)  # a delta file sent to /v1/models/import
+    serving_max_batch_images: int = Field(default=32, gt=0)  # images per forward pass
+    serving_queue_images: int = Field(default=512, gt=0)  # queued images before 503 + Retry-After
+    serving_batch_window_s: float = Field(default=0.002, ge=0)  # an idle scheduler waits this long
+    serving_loader_threads: int = Field(default=2, gt=0)  # threads preparing cold models
+    serving_dense_cache_bytes: int = Field(default=256 * MB, ge=0)  # dense weights of dense layers
+    serving_timeout_s: float = Field(default=120.0, gt=0)  # longest a classify request waits
+    serving_retry_after_s: int = Field(default=1, ge=0)
     progress_interval_s: float = Field(default=1.0, gt=0)
     job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, gt=0)
     recovery_interval_s: float = Field(default=30.0, gt=0)
+    history_every_steps: int = Field(default=10, gt=0)  # a training-history point every N steps
+    events_poll_s: float = Field(default=0.5, gt=0)  # SSE /events: how often the job row is read
+    events_heartbeat_s: float = Field(default=15.0, gt=0)  # SSE comment line when nothing changed
+    events_max_s: float = Field(default=3600.0, gt=0)  # an SSE stream closes after this (reconnect)
 
     @model_validator(mode="after")
     def _fill_database_url(self) -> Settings:

@@ -29,17 +29,38 @@ def resolve_base_model(requested: str | None, settings: Settings) -> str:
     raise InvalidInput(f"base_model {requested!r} is not served here; use one of {allowed}")
 
 
-def validate_params(method: str, params: dict, base_model: str | None = None) -> dict:
-    """The recipe's hyper-parameters with defaults merged; InvalidInput on unknown keys or bad values
-    (with `base_model`, also on block positions beyond its towers' depth when its config tells)."""
+def validate_params(method: str, params: dict, preset: str = "standard",
+                    base_model: str | None = None) -> dict:
+    """The preset's hyper-parameters with `params` on top and the recipe defaults merged;
+    InvalidInput on unknown keys or bad values (with `base_model`, also on block positions beyond
+    its towers' depth when its config tells)."""
     from sparseshot.base import tower_depths
-    from sparseshot.recipe import validate_hparams
+    from sparseshot.presets import preset_params
 
     try:
         depths = tower_depths(base_model) if base_model else None
-        return validate_hparams(method, params, depths=depths)
+        return preset_params(preset, method, params, depths=depths)
     except ValueError as e:
         raise InvalidInput(f"invalid params for method {method!r}: {e}") from e
+
+
+def training_device(settings: Settings) -> str:
+    """The device a worker of this deployment trains on (SPARSESHOT_DEVICE, else CUDA when present)."""
+    if settings.device:
+        return settings.device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def estimate_seconds(*, settings: Settings, base_model: str, method: str, params: dict,
+                     n_images: int, n_classes: int) -> float | None:
+    """Planned steps x the measured step time (sparseshot.presets); None where unmeasured."""
+    from sparseshot.presets import estimate_seconds as estimate
+    from sparseshot.recipe import planned_steps
+
+    _shots, steps, batch = planned_steps(params, n_images, n_classes)
+    return estimate(base_model, method, training_device(settings), steps=steps, batch=batch)
 
 
 def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Tenant, body: JobCreate) -> Job:
@@ -50,15 +71,18 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=body.dataset_id)
     base_model = resolve_base_model(body.base_model, settings)
-    params = validate_params(body.method, body.params, base_model)
+    params = validate_params(body.method, body.params, body.preset, base_model)
     counts = image_counts(session=session, dataset=dataset)
     if sum(counts.values()) == 0:
         raise InvalidInput(f"dataset {dataset.id} has no images")
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         raise InvalidInput(f"every class needs at least one image; none for: {', '.join(empty)}")
+    estimate = estimate_seconds(settings=settings, base_model=base_model, method=body.method, params=params,
+                                n_images=sum(counts.values()), n_classes=len(counts))
     job = lifecycle.create(session, tenant_id=tenant.id, dataset_id=dataset.id, method=body.method,
                            base_model=base_model, params=params)
+    job.preset, job.estimated_seconds = body.preset, estimate
     session.commit()
     _enqueue(session, queue, job)
     return job
@@ -113,7 +137,8 @@ def to_public(job: Job) -> JobPublic:
     )  # fmt: skip
     return JobPublic(
         id=job.id, dataset_id=job.dataset_id, method=job.method, base_model=job.base_model,
-        params=job.params, status=JobStatus(job.status), cancel_requested=job.cancel_requested,
+        params=job.params, preset=job.preset, estimated_seconds=job.estimated_seconds, device=job.device,
+        versions=job.versions, status=JobStatus(job.status), cancel_requested=job.cancel_requested,
         progress=progress, attempts=job.attempts, model_id=job.model_id, error=job.error,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
     )  # fmt: skip

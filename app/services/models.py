@@ -1,58 +1,139 @@
-"""Adapted models: zero-shot creation, read, list, delta download, classify, delete."""
+"""Adapted models: creation (zero-shot, import, training results), read, list, delta download,
+classify, delete."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge, Unavailable
-from app.models import Image, Job, Model, Tenant
+from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge
+from app.models import Job, Model, Tenant
 from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, ZeroshotCreate
+from app.services import bases
 from app.services import images as imgcheck
 from app.services.datasets import Upload
+from app.services.datasets import _remove_unreferenced as remove_unreferenced
 from app.services.jobs import resolve_base_model, validate_params
 from app.storage import Storage
+from sparseshot.delta import DeltaError, SparseDelta
+
+if TYPE_CHECKING:
+    from sparseshot.base import BaseModel
 
 
-@contextmanager
-def _serving_errors(model_id: str | None) -> Iterator[None]:
-    """A corrupt delta: the model cannot be served (409). No base model: unavailable (503)."""
-    from sparseshot.base import BaseModelError
-    from sparseshot.delta import DeltaError
+def store_delta(*, storage: Storage, delta: SparseDelta, data: bytes | None = None) -> str:
+    """The delta's file into content-addressed storage (written atomically there); returns its key.
 
+    data: the delta's file as received (an import keeps the exact bytes), else delta.to_bytes()."""
+    return storage.put(data if data is not None else delta.to_bytes())
+
+
+def add_model(
+    *, session: Session, tenant_id: str, delta: SparseDelta, key: str, base_model: str, method: str,
+    job_id: str | None = None, name: str | None = None, metrics: dict[str, Any] | None = None,
+) -> Model:
+    """The Model row of a stored delta, added to `session` and flushed, not committed (a caller
+    such as the training worker commits it with its own conditional updates, in one transaction)."""
+    meta = delta.meta or {}
+    model = Model(
+        tenant_id=tenant_id, job_id=job_id, name=name, classes=list(meta.get("classes") or []),
+        base_model=base_model, method=method, template=meta.get("template"), delta_key=key,
+        nnz=int(delta.nnz), nbytes=int(delta.nbytes), density=float(delta.density), metrics=metrics or {},
+    )  # fmt: skip
+    session.add(model)
+    session.flush()
+    return model
+
+
+def create_model_from_delta(
+    *, session: Session, storage: Storage, tenant: Tenant, delta: SparseDelta, base_model: str,
+    method: str, job_id: str | None = None, name: str | None = None, metrics: dict[str, Any] | None = None,
+    data: bytes | None = None,
+) -> Model:
+    """The one way a model comes to exist: delta stored, then its row committed.
+
+    Used by zero-shot creation and import here, and (as store_delta + add_model) by the training
+    worker. A failed commit leaves at most an unreferenced content-addressed file, removed here."""
+    key = store_delta(storage=storage, delta=delta, data=data)
     try:
-        yield
-    except DeltaError as e:
-        raise ModelNotReady(f"the delta of model {model_id} cannot be loaded: {e}") from e
-    except BaseModelError as e:
-        raise Unavailable(f"the base model is not available: {e}") from e
+        model = add_model(session=session, tenant_id=tenant.id, delta=delta, key=key, base_model=base_model,
+                          method=method, job_id=job_id, name=name, metrics=metrics)
+        session.commit()
+    except BaseException:
+        session.rollback()
+        remove_unreferenced(session=session, storage=storage, keys=[key])
+        raise
+    return model
 
 
-def create_zeroshot(*, session: Session, settings: Settings, tenant: Tenant, body: ZeroshotCreate) -> Model:
+def create_zeroshot(
+    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, body: ZeroshotCreate
+) -> Model:
     """A model from class names alone (text embeddings of the prompts), usable at once."""
-    from app.services import inference
+    from app.services import inference  # loads torch and open_clip: only when a model is made
 
     if len(body.classes) > settings.max_classes:
         raise InvalidInput(f"{len(body.classes)} classes, over the limit of {settings.max_classes}")
     # The recipe's check and default, so the model row records the template actually used.
     template = validate_params("zeroshot", {"template": body.template} if body.template else {})["template"]
     base_model = resolve_base_model(body.base_model, settings)
-    with _serving_errors(None):
-        key, nnz, nbytes, density = inference.create_zeroshot_delta(
-            classes=list(body.classes), base_model=base_model, template=template
-        )
-    model = Model(
-        tenant_id=tenant.id, classes=list(body.classes), base_model=base_model, method="zeroshot",
-        template=template, delta_key=key, nnz=nnz, nbytes=nbytes, density=density, metrics={},
-    )  # fmt: skip
-    session.add(model)
-    session.commit()
-    return model
+    with inference.serving_errors(None):
+        delta = inference.zeroshot_delta(classes=list(body.classes), base_model=base_model, template=template)
+    return create_model_from_delta(session=session, storage=storage, tenant=tenant, delta=delta,
+                                   base_model=base_model, method="zeroshot", name=body.name)
+
+
+def import_model(
+    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, upload: Upload,
+    name: str | None,
+) -> Model:
+    """A model from a delta file made by sparseshot for this server's base; nothing is stored
+    unless every check passes (size, format and checksum, base fingerprint, classes, embeddings)."""
+    from app.services import inference
+
+    data = upload.file.read(settings.max_delta_bytes + 1)
+    if len(data) > settings.max_delta_bytes:
+        raise TooLarge(f"the delta file is over the limit of {settings.max_delta_bytes} bytes")
+    try:
+        delta = SparseDelta.from_bytes(data)
+    except DeltaError as e:
+        raise InvalidInput(f"not a valid sparseshot delta file: {e}") from None
+    spec = _import_base(delta, settings)
+    with inference.serving_errors(None):
+        base = bases.get_base(spec)
+    _check_import(delta, base, settings)
+    method = str(delta.meta.get("method") or "imported")[:32]
+    return create_model_from_delta(session=session, storage=storage, tenant=tenant, delta=delta,
+                                   base_model=spec, method=method, name=name, data=data)
+
+
+def _import_base(delta: SparseDelta, settings: Settings) -> str:
+    """The served base spec the delta names (when allowed here), else the default base."""
+    named = delta.meta.get("base_model")
+    return named if named in settings.allowed_base_models else settings.base_model
+
+
+def _check_import(delta: SparseDelta, base: BaseModel, settings: Settings) -> None:
+    """InvalidInput unless the delta fits `base` and carries what serving needs."""
+    if not delta.meta.get("base_fingerprint"):
+        raise InvalidInput("the delta records no base_fingerprint; it cannot be checked against this base")
+    try:
+        delta.check(base.model, fingerprint=base.fingerprint)
+    except DeltaError as e:
+        raise InvalidInput(f"the delta was made for another base model: {e}") from None
+    classes = delta.meta.get("classes")
+    if not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) for c in classes):
+        raise InvalidInput("the delta's meta must list at least two class names under 'classes'")
+    if len(classes) > settings.max_classes or len(set(classes)) != len(classes):
+        raise InvalidInput(f"the delta's classes must be distinct and at most {settings.max_classes}")
+    emb = delta.class_embeddings
+    dim = base.model.visual.output_dim  # type: ignore[union-attr]
+    if emb is None or tuple(emb.shape) != (len(classes), dim) or not emb.is_floating_point():
+        raise InvalidInput(f"the delta must carry class_embeddings of shape ({len(classes)}, {dim})")
 
 
 def get_model(*, session: Session, tenant: Tenant, model_id: str) -> Model:
@@ -89,11 +170,7 @@ def delete_model(*, session: Session, storage: Storage, tenant: Tenant, model_id
     session.execute(update(Job).where(Job.model_id == model.id).values(model_id=None))
     session.delete(model)
     session.commit()
-    in_use = session.scalar(select(Model.id).where(Model.delta_key == key).limit(1)) or session.scalar(
-        select(Image.id).where(Image.storage_key == key).limit(1)
-    )
-    if in_use is None:
-        storage.delete(key)
+    remove_unreferenced(session=session, storage=storage, keys=[key])
 
 
 def classify(
@@ -132,15 +209,16 @@ def classify(
     if rejected:
         first = rejected[0]
         raise InvalidInput(f"{first['filename']}: {first['detail']}", extra={"rejected": rejected})
-    with _serving_errors(model.id):
-        results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)))
+    with inference.serving_errors(model.id):
+        results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)),
+                                     storage=storage)
     return ClassifyPublic(predictions=[Prediction.model_validate(r) for r in results])
 
 
 def to_public(model: Model) -> ModelPublic:
     return ModelPublic(
         id=model.id, status=model.status, classes=model.classes, base_model=model.base_model,
-        method=model.method, template=model.template, job_id=model.job_id,
+        name=model.name, method=model.method, template=model.template, job_id=model.job_id,
         delta=DeltaInfo(nnz=model.nnz, bytes=model.nbytes, density=model.density),
         metrics=model.metrics or {}, created_at=model.created_at,
     )  # fmt: skip

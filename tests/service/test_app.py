@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-import app.services.inference as inference
+import app.services.bases as bases
 from app.db import SessionLocal
 from app.services import auth
 
@@ -16,12 +16,12 @@ def test_healthz(client: TestClient) -> None:
 
 
 def test_readyz_reports_each_check(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(inference, "base_ready", lambda: True)
+    monkeypatch.setattr(bases, "base_ready", lambda: True)
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     assert r.json() == {"status": "ready", "checks": {"database": True, "broker": True, "base_model": True}}
 
-    monkeypatch.setattr(inference, "base_ready", lambda: False)
+    monkeypatch.setattr(bases, "base_ready", lambda: False)
     r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json()["checks"]["base_model"] is False

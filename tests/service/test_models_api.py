@@ -16,6 +16,7 @@ import app.services.inference as inference
 from app.core.config import Settings
 from app.models import Job, Model
 from app.storage import get_storage
+from sparseshot.delta import SparseDelta
 
 
 @pytest.fixture
@@ -23,17 +24,22 @@ def fake_inference(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> list[
     """Zero-shot deltas are small files; classify ranks classes by a fixed score."""
     calls: list[dict] = []
 
-    def create_zeroshot_delta(*, classes, base_model, template):
-        payload = json.dumps({"classes": classes, "base": base_model, "template": template}).encode()
-        return get_storage(settings).put(payload), 0, len(payload), 0.0
+    class SmallDelta(SparseDelta):
+        """Bytes that depend only on the meta (safetensors' header order is not fixed)."""
 
-    def classify(*, model, images, top_k):
+        def to_bytes(self) -> bytes:
+            return json.dumps(self.meta, sort_keys=True).encode()
+
+    def zeroshot_delta(*, classes, base_model, template):
+        return SmallDelta({"classes": classes, "base": base_model, "template": template, "created_at": "-"})
+
+    def classify(*, model, images, top_k, storage=None):
         calls.append({"model": model.id, "n": len(images), "top_k": top_k})
         scores = [0.6, 0.3, 0.1][: len(model.classes)]
         labels = [{"label": c, "score": s} for c, s in zip(model.classes, scores, strict=False)][:top_k]
         return [{"filename": name, "labels": labels} for name, _img in images]
 
-    monkeypatch.setattr(inference, "create_zeroshot_delta", create_zeroshot_delta)
+    monkeypatch.setattr(inference, "zeroshot_delta", zeroshot_delta)
     monkeypatch.setattr(inference, "classify", classify)
     return calls
 
@@ -167,6 +173,8 @@ def test_other_tenants_models_are_404(api, fake_inference, make_key) -> None:
 
 
 def test_serving_failures_map_to_409_and_503(api, fake_inference, monkeypatch) -> None:
+    from app.services.scheduler import QueueFull
+    from app.storage import StorageError
     from sparseshot.base import BaseModelError
     from sparseshot.delta import DeltaError
 
@@ -182,7 +190,28 @@ def test_serving_failures_map_to_409_and_503(api, fake_inference, monkeypatch) -
     assert "checksum" in api.problem(_classify(api, model["id"], api.image()), 409)["detail"]
     monkeypatch.setattr(inference, "classify", raiser(BaseModelError("no weights")))
     api.problem(_classify(api, model["id"], api.image()), 503)
-    monkeypatch.setattr(inference, "create_zeroshot_delta", raiser(BaseModelError("no weights")))
+    monkeypatch.setattr(inference, "classify", raiser(QueueFull("512 images are queued")))
+    r = _classify(api, model["id"], api.image())
+    assert "busy" in api.problem(r, 503)["detail"] and r.headers["Retry-After"] == "1"
+    monkeypatch.setattr(inference, "classify", raiser(StorageError("gone")))
+    api.problem(_classify(api, model["id"], api.image()), 409)
+    monkeypatch.setattr(inference, "zeroshot_delta", raiser(BaseModelError("no weights")))
     r = api.client.post("/v1/models/zeroshot", json={"classes": ["a", "b"]}, headers=api.headers)
     api.problem(r, 503)
     assert [m["id"] for m in api.client.get("/v1/models", headers=api.headers).json()] == [model["id"]]
+
+
+def test_base_unavailable_while_serving_is_503_not_409(api, fake_inference, monkeypatch) -> None:
+    """Through the real serving path: the base failing to load is the server's problem (503)."""
+    from app.services import bases
+    from sparseshot.base import BaseModelError
+
+    model = _zeroshot(api)
+    monkeypatch.undo()  # the real inference.classify
+
+    def no_base(spec=None):
+        raise BaseModelError("weights not in the cache")
+
+    monkeypatch.setattr(bases, "get_base", no_base)
+    r = _classify(api, model["id"], api.image())
+    assert "base model" in api.problem(r, 503)["detail"] and "Retry-After" in r.headers

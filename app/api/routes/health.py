@@ -31,7 +31,7 @@ def _broker_ready(queue: Queue) -> bool:
 
 def _base_ready() -> bool:
     try:
-        from app.services.inference import base_ready
+        from app.services.bases import base_ready
 
         return bool(base_ready())
     except Exception:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
+from fastapi.responses import StreamingResponse
 
-from app.api.deps import PageDep, QueueDep, SessionDep, SettingsDep, TenantDep
+from app.api.deps import PageDep, QueueDep, RuntimeDep, SessionDep, SettingsDep, TenantDep
 from app.jobs.status import JobStatus
-from app.schemas import JobCreate, JobPublic
+from app.schemas import JobCreate, JobHistoryPublic, JobPublic
+from app.services import history, job_events
 from app.services import jobs as svc
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -20,9 +22,10 @@ def create_job(
     """Start a training job.
 
     Adapts the base model to the dataset with `method` (`so`: sparse optimization, `lora`) and
-    the recipe's hyper-parameters, overridden by `params` (unknown keys are refused). Answers 202
-    with the queued job and its `Location`; poll it until `status` is `succeeded` (then
-    `model_id` is set), `failed` or `cancelled`.
+    the `preset`'s hyper-parameters (`quick`, `standard` = the paper's recipe, `thorough`),
+    overridden by `params` (unknown keys are refused). Answers 202 with the queued job, its
+    `estimated_seconds` and its `Location`; poll it (or stream `/events`) until `status` is
+    `succeeded` (then `model_id` is set), `failed` or `cancelled`.
     """
     job = svc.create_job(session=session, settings=settings, queue=queue, tenant=tenant, body=body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -61,3 +64,34 @@ def cancel_job(job_id: str, session: SessionDep, tenant: TenantDep) -> JobPublic
     (`cancel_requested` is set until then). Finished jobs answer 409.
     """
     return svc.to_public(svc.cancel_job(session=session, tenant=tenant, job_id=job_id))
+
+
+@router.get("/{job_id}/history")
+def get_history(job_id: str, session: SessionDep, tenant: TenantDep) -> JobHistoryPublic:
+    """Get a job's training history.
+
+    The training curve, by step: loss, train accuracy, learning rate, validation accuracy (when
+    the job has a validation split) and elapsed seconds, recorded every few steps.
+    """
+    return history.list_history(session=session, tenant=tenant, job_id=job_id)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}},
+                     "description": "`event: progress` (job JSON) on each change, `event: end` at the end."}},
+)
+def stream_events(
+    job_id: str, session: SessionDep, tenant: TenantDep, runtime: RuntimeDep
+) -> StreamingResponse:
+    """Stream a job's progress.
+
+    Server-sent events: `event: progress` with the job JSON each time it changes, `: keep-alive`
+    comments while nothing does, then `event: end` with the final job, and the stream closes.
+    """
+    svc.get_job(session=session, tenant=tenant, job_id=job_id)  # 404 before the stream starts
+    stream = job_events.job_events(engine=runtime.engine, settings=runtime.settings, tenant=tenant,
+                                   job_id=job_id)
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream, media_type="text/event-stream", headers=headers)

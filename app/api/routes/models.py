@@ -1,4 +1,4 @@
-"""/v1/models: zero-shot creation, list, read, delete, delta download, classify."""
+"""/v1/models: zero-shot creation, import, list, read, delete, delta download, classify."""
 
 from __future__ import annotations
 
@@ -17,14 +17,35 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 @router.post("/zeroshot", status_code=status.HTTP_201_CREATED)
 def create_zeroshot(
-    body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep
+    body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep
 ) -> ModelPublic:
     """Create a zero-shot model.
 
     A classifier of the base model from the class names alone (no training): each class's text
     embedding of `template` (with `{}` for the name).
     """
-    return svc.to_public(svc.create_zeroshot(session=session, settings=settings, tenant=tenant, body=body))
+    model = svc.create_zeroshot(session=session, storage=storage, settings=settings, tenant=tenant, body=body)
+    return svc.to_public(model)
+
+
+@router.post("/import", status_code=status.HTTP_201_CREATED)
+def import_model(
+    session: SessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    storage: StorageDep,
+    delta: Annotated[UploadFile, File(description="A sparseshot delta file (.safetensors) for this base.")],
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> ModelPublic:
+    """Import a model from a delta file.
+
+    A sparseshot delta (`.safetensors`, as `GET /v1/models/{id}/delta` returns) made for this
+    server's base model (its weight fingerprint is checked) becomes a ready model of your tenant.
+    """
+    upload = Upload(delta.filename or "delta.safetensors", delta.file)
+    model = svc.import_model(session=session, storage=storage, settings=settings, tenant=tenant,
+                             upload=upload, name=(name or "").strip() or None)
+    return svc.to_public(model)
 
 
 @router.get("")

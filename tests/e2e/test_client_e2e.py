@@ -1,0 +1,88 @@
+"""The client side over real HTTP: scripts/walkthrough.sh, `sparseshot demo` and sparseshot.client
+against `sparseshot serve` (embedded defaults, tiny random base, real worker) on a free port."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sparseshot.client import Client
+from tests.e2e.test_service_e2e import Api, Proc, _create_key, _env, _free_port
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = '{"n_iters": 3, "batch_size": 6}'  # 6 images per class -> 18 steps, seconds on the tiny base
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, dict[str, str]]]:
+    tmp = tmp_path_factory.mktemp("client-e2e")
+    env = _env(tmp / "data", SPARSESHOT_HISTORY_EVERY_STEPS="2")
+    port = _free_port()
+    proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "serve.log")
+    try:
+        api = Api(port, proc)
+        api.wait_up()
+        yield api, {**env, "SPARSESHOT_PORT": str(port)}
+    finally:
+        proc.stop()
+
+
+def _run(args: list[str], env: dict[str, str], timeout: float = 240) -> str:
+    out = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, f"{args}: rc {out.returncode}\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def test_walkthrough_script_runs_to_the_end(server, tmp_path: Path) -> None:
+    api, env = server
+    env = {**env, "SPARSESHOT_CLI": f"{sys.executable} -m app.cli", "PYTHON": sys.executable,
+           "PARAMS": FAST, "POLL_S": "0.5", "TIMEOUT_S": "180", "WORKDIR": str(tmp_path),
+           "PYTHONPATH": str(ROOT)}
+    out = _run(["bash", str(ROOT / "scripts" / "walkthrough.sh")], env)
+    assert "walk-through done" in out and "succeeded" in out, out
+    assert "zip: 16 added, 2 rejected" in out
+    model = next(line.split()[1] for line in out.splitlines() if line.startswith("model "))
+    assert (tmp_path / f"{model}.safetensors").stat().st_size > 0
+    assert "red_circle_q0.png ->" in out and "history: " in out
+
+
+def test_demo_command(server) -> None:
+    api, env = server
+    key = _create_key(env)
+    out = _run([sys.executable, "-m", "app.cli", "demo", "--url", api.base, "--key", key,
+                "--params", FAST, "--timeout", "180"], {**env, "PYTHONPATH": str(ROOT)})
+    assert "4. classify held-out images:" in out and "correct; history:" in out, out
+
+
+def test_client_train_history_events_and_delta(server, tmp_path: Path) -> None:
+    from sparseshot import sample_data
+
+    api, env = server
+    with Client(api.base, _create_key(env)) as c:
+        root = sample_data.generate(tmp_path / "s", per_class=6, queries=1)
+        ds = c.create_dataset("shapes", list(sample_data.CLASSES))
+        assert len(c.upload(ds, root / "train")["added"]) == 18
+        job = c.train(ds, preset="quick", params={"n_iters": 4, "batch_size": 6})
+        assert job.data["estimated_seconds"] > 0  # tiny base, SO, CPU: a measured figure
+        events = list(c.events(job))
+        assert events[-1][0] == "end" and events[-1][1]["status"] == "succeeded", events[-1]
+        job.refresh()
+        assert job.data["device"] == "cpu"
+        assert set(job.data["versions"]) >= {"torch", "open_clip", "sparseshot", "python"}
+        points = c.history(job)
+        steps = [p["step"] for p in points]
+        assert steps == sorted(steps) and steps[-1] == 24 and len(steps) >= 2, points  # reports: every 0.5 s
+        assert all(p["loss"] is not None and p["lr"] is not None and p["elapsed_s"] >= 0 for p in points)
+        assert points[0]["lr"] > points[-1]["lr"]  # cosine schedule
+        delta = c.download_delta(job.model_id, tmp_path)
+        assert delta.stat().st_size == c.get_model(job.model_id)["delta"]["bytes"]
+        preds = c.classify(job.model_id, sorted((root / "query").glob("*.png")), top_k=3)
+        assert len(preds) == 3 and all(len(p["labels"]) == 3 for p in preds)
+        assert os.path.exists(delta)
