@@ -12,6 +12,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     embedded = None
     if not settings.broker_url and not args.no_worker:
         embedded = EmbeddedWorker(settings.queue_name).start()
+    # uvicorn handles SIGTERM itself, then re-raises it to the handler it found: make that one
+    # unwind (SystemExit) instead of killing the process, so `finally` stops the worker.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         api = create_app(settings, queue=CeleryQueue.for_settings(settings))
         uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
@@ -63,6 +67,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -76,15 +84,39 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schema_missing() -> str | None:
+    """Why the keys table cannot be used (not migrated, database unreachable), or None."""
+    from sqlalchemy import inspect
+
+    from app.db import get_engine
+
+    try:
+        if not inspect(get_engine()).has_table("api_keys"):
+            return "the database has no schema yet: run `sparseshot migrate` (or `sparseshot serve`) first"
+    except Exception as e:
+        return f"cannot reach the database: {type(e).__name__}: {e}"
+    return None
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     from app.db import session_scope
     from app.errors import NotFound
+    from app.schemas import MAX_NAME_CHARS
     from app.services import auth
 
+    problem = _schema_missing()
+    if args.keys_cmd == "create":
+        name = args.tenant.strip()
+        if not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+            limit = f"1-{MAX_NAME_CHARS} printable characters"
+            problem = problem or f"--tenant must be {limit}, not {args.tenant!r}"
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
     with session_scope() as session:
         if args.keys_cmd == "create":
             row, plaintext = auth.create_key(session=session, tenant_name=args.tenant)
-            print(f"created key {row.id} (prefix {row.prefix}) for tenant {args.tenant}")
+            print(f"created key {row.id} (prefix {row.prefix}) for tenant {args.tenant.strip()}")
             print("the key is shown only once:")
             print(plaintext)
         elif args.keys_cmd == "list":

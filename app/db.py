@@ -88,11 +88,16 @@ def session_scope(engine: Engine | None = None) -> Iterator[Session]:
         session.close()
 
 
-def ping(engine: Engine) -> bool:
-    """True when the database answers a trivial query."""
+def check(engine: Engine) -> str | None:
+    """None when the database answers a trivial query, else why not (for /readyz)."""
     try:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        return True
-    except Exception:
-        return False
+        return None
+    except Exception as e:
+        return f"{type(e).__name__}: {str(getattr(e, 'orig', None) or e).strip()}"[:300]
+
+
+def ping(engine: Engine) -> bool:
+    """True when the database answers a trivial query."""
+    return check(engine) is None

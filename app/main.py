@@ -11,10 +11,12 @@ from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 
 from app import __doc__ as app_doc
+from app.api.responses import install_openapi
 from app.api.routes import console, datasets, health, images, jobs, models
 from app.core.config import Settings, get_settings
 from app.errors import install_handlers
 from app.metrics import LATENCY, REQUESTS
+from app.middleware import CatchAll, RequestGuard
 from app.queue import Queue
 from app.runtime import Runtime
 
@@ -58,6 +60,10 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
     )
     app.state.runtime = runtime
     install_handlers(app)
+    install_openapi(app)
+    # Added innermost first: observe -> CatchAll -> RequestGuard -> FastAPI's exception handling.
+    app.add_middleware(RequestGuard, settings=runtime.settings, engine=runtime.engine)
+    app.add_middleware(CatchAll)
 
     @app.middleware("http")
     async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:

@@ -191,3 +191,18 @@ class JobHistory(Base):
     val_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
     elapsed_s: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ObjectPin(Base):
+    """A pending reference to a stored object: written (committed) before the file, so garbage
+    collection keeps the file until the rows that use it are committed (see app.services.objects).
+
+    `pin_id` groups the keys of one upload; a pin whose writer died lapses at `expires_at`.
+    """
+
+    __tablename__ = "object_pins"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    pin_id: Mapped[str] = mapped_column(String(36), index=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    expires_at: Mapped[datetime] = mapped_column(index=True)

@@ -2,16 +2,52 @@
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections import Counter
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.status import JobStatus
 
-ClassName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-ModelName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+MAX_NAME_CHARS = 200
+# A name: no control characters (C0, DEL, C1; NUL cannot even be stored by PostgreSQL) and at
+# least one character that is not whitespace. The same rule is in the OpenAPI schema (`pattern`),
+# and the length limit applies to the text as sent; it is then stripped and NFC-normalised.
+NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+# A prompt template: exactly one "{}" (where the class name goes), no other braces, no controls.
+TEMPLATE_PATTERN = r"^[^{}\x00-\x1f\x7f-\x9f]*\{\}[^{}\x00-\x1f\x7f-\x9f]*$"
+
+
+def clean_name(value: str) -> str:
+    """A name as stored and compared: NFC-normalised, surrounding whitespace removed.
+
+    NFC makes "cafe\u0301" and "caf\u00e9" the same class; the two read identical.
+    """
+    return unicodedata.normalize("NFC", value).strip()
+
+
+def check_name(value: str, what: str = "name") -> str:
+    """`clean_name` after the checks of NAME_PATTERN and the length (ValueError), for values that
+    do not come through a schema (form fields, archive folder names)."""
+    if len(value) > MAX_NAME_CHARS:
+        raise ValueError(f"{what} is longer than {MAX_NAME_CHARS} characters")
+    if not re.match(NAME_PATTERN, value):
+        raise ValueError(f"{what} must hold a visible character and no control characters")
+    return clean_name(value)
+
+
+Name = Annotated[
+    str, Field(min_length=1, max_length=MAX_NAME_CHARS, pattern=NAME_PATTERN), AfterValidator(clean_name)
+]
+ClassName = Name
+ClassList = Annotated[
+    list[ClassName], Field(min_length=2, json_schema_extra={"uniqueItems": True},
+                           description="At least two distinct class names.")
+]
+ModelName = Name
 PresetName = Literal["quick", "standard", "thorough"]  # = sparseshot.presets.PRESETS (a test checks)
 
 
@@ -31,8 +67,8 @@ class RequestBody(BaseModel):
 class DatasetCreate(RequestBody):
     model_config = ConfigDict(json_schema_extra={"examples": [{"name": "pets", "classes": ["cat", "dog"]}]})
 
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-    classes: list[ClassName] = Field(min_length=2, description="At least two distinct class names.")
+    name: Name
+    classes: ClassList
 
     _check_unique = field_validator("classes")(_unique)
 
@@ -153,10 +189,11 @@ class ZeroshotCreate(RequestBody):
         json_schema_extra={"examples": [{"classes": ["cat", "dog"], "template": "a photo of a {}."}]}
     )
 
-    classes: list[ClassName] = Field(min_length=2)
+    classes: ClassList
     base_model: str | None = None
     template: str | None = Field(
-        default=None, max_length=500, description="Prompt with '{}' for the class name."
+        default=None, max_length=500, pattern=TEMPLATE_PATTERN,
+        description="Prompt with one '{}' for the class name."
     )
     name: ModelName | None = None
 
@@ -200,3 +237,4 @@ class ClassifyPublic(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, bool]
+    reasons: dict[str, str] = Field(default_factory=dict, description="Why each failing check failed.")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
@@ -21,9 +20,11 @@ class JobError(Exception):
 
 
 def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILImage], list[int]]:
-    """The dataset's classes, its images (RGB PIL) and their label indices."""
+    """The dataset's classes, its images (RGB PIL, shorter side at most the model's input size:
+    the training crops are resized to it anyway) and their label indices."""
     # PIL only in the pool process that trains (the worker's main process stays light).
-    from PIL import Image as PILImageModule
+    from app.services.images import Rejected, decode_stored
+    from worker.tasks import get_base
 
     if claim.dataset_id is None:
         raise JobError("the dataset was deleted")
@@ -38,12 +39,15 @@ def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILIm
         ).all()
     if not rows:
         raise JobError("the dataset has no images")
+    side, max_pixels = get_base(claim.base_model).image_size, runtime.settings.max_image_pixels
     index = {c: i for i, c in enumerate(classes)}
     images, labels = [], []
     for key, label in rows:
         if label not in index:
             raise JobError(f"image label {label!r} is not a class of the dataset")
-        with PILImageModule.open(io.BytesIO(runtime.storage.get(key))) as im:
-            images.append(im.convert("RGB"))
+        try:  # one at a time, reduced before the next is read
+            images.append(decode_stored(runtime.storage.get(key), side, max_pixels))
+        except Rejected as e:
+            raise JobError(f"a stored image cannot be read: {e.detail}") from e
         labels.append(index[label])
     return classes, images, labels

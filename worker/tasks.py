@@ -22,7 +22,6 @@ from app.jobs.lifecycle import Claim, JobStatus
 from app.models import utcnow
 from app.runtime import Runtime
 from app.services import bases, history
-from app.services import models as model_service
 from app.storage import get_storage
 from worker import context
 from worker.celery_app import TRAIN_TASK
@@ -74,6 +73,8 @@ def checkpoint_path(job_id: str, settings: Settings) -> Path:
 
 def _store_delta(delta: Any, settings: Settings) -> str:
     """Save the delta into content-addressed storage (written atomically there); returns its key."""
+    from app.services import models as model_service  # imports torch: pool children only
+
     return model_service.store_delta(storage=get_storage(), delta=delta)
 
 
@@ -83,6 +84,8 @@ def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> 
     delta.meta.setdefault("classes", classes)
     if not delta.meta.get("template") and claim.params.get("template"):
         delta.meta["template"] = claim.params["template"]
+    from app.services import models as model_service  # imports torch: pool children only
+
     with session_scope() as s:
         model = model_service.add_model(session=s, tenant_id=claim.tenant_id, delta=delta, key=key,
                                         base_model=claim.base_model, method=claim.method,

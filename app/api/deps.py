@@ -53,12 +53,19 @@ QueueDep = Annotated[Queue, Depends(get_queue)]
 
 
 def get_tenant(
-    session: SessionDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    session: SessionDep,
+    _documented: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    return auth.authenticate(session=session, key=credentials.credentials if credentials else None)
+    # The raw header, so that Basic or a bare key is told to use Bearer (HTTPBearer hides those).
+    key = auth.key_from_header(request.headers.get("authorization"))
+    return auth.authenticate(session=session, key=key)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+MAX_OFFSET = 2**31 - 1  # beyond any listing; bigger numbers overflow the databases' integers
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,8 @@ class Page:
 
 
 def get_page(
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100, offset: Annotated[int, Query(ge=0)] = 0
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Page:
     return Page(limit=limit, offset=offset)
 

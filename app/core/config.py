@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MB = 1024 * 1024
+BODY_SLACK = MB  # multipart boundaries, part headers and form fields beside the files
 
 
 class Settings(BaseSettings):
@@ -41,6 +42,12 @@ class Settings(BaseSettings):
     max_classes: int = Field(default=1000, gt=0)
     max_class_name_chars: int = Field(default=200, gt=0)
     max_top_k: int = Field(default=100, gt=0)
+    # Decoded images are reduced to this shorter side before they are held (>= the base's input size).
+    image_decode_side: int = Field(default=448, ge=32)
+    # Request bodies, refused (413) from Content-Length or cut off while streaming, before parsing.
+    # 0: derived, see `upload_body_limit` / `archive_body_limit`.
+    max_upload_body_bytes: int = Field(default=0, ge=0)
+    max_json_body_bytes: int = Field(default=2 * MB, gt=0)  # every body that is not multipart
 
     # Serving and training.
     model_cache_bytes: int = Field(default=1024 * MB, ge=0)  # prepared deltas held in memory
@@ -60,12 +67,24 @@ class Settings(BaseSettings):
     events_poll_s: float = Field(default=0.5, gt=0)  # SSE /events: how often the job row is read
     events_heartbeat_s: float = Field(default=15.0, gt=0)  # SSE comment line when nothing changed
     events_max_s: float = Field(default=3600.0, gt=0)  # an SSE stream closes after this (reconnect)
+    # Storage: how long a pending reference (upload between file write and row commit) holds a file.
+    object_pin_ttl_s: float = Field(default=3600.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_database_url(self) -> Settings:
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'sparseshot.db').as_posix()}"
         return self
+
+    @property
+    def upload_body_limit(self) -> int:
+        """Multipart bodies: `max_upload_body_bytes`, or max files x max image bytes + slack."""
+        return self.max_upload_body_bytes or self.max_files_per_request * self.max_image_bytes + BODY_SLACK
+
+    @property
+    def archive_body_limit(self) -> int:
+        """Multipart bodies of routes that take a .zip: also room for `max_archive_bytes` + slack."""
+        return max(self.upload_body_limit, self.max_archive_bytes + BODY_SLACK)
 
     @property
     def storage_dir(self) -> Path:

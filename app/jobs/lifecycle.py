@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, or_, select, update
+from sqlalchemy import ColumnElement, delete, or_, select, update
 from sqlalchemy.orm import Session
 
 from app.jobs.status import ACTIVE, FINISHED, JobStatus
@@ -84,6 +84,12 @@ def enqueue_failed(session: Session, *, job_id: str, error: str, now: datetime) 
     """queued → failed: the queue refused the message, so no worker will ever see the job."""
     return _changed(session, Job.id == job_id, Job.status == QUEUED,
                     status=JobStatus.FAILED.value, error=error, finished_at=now)
+
+
+def withdraw(session: Session, *, job_id: str) -> bool:
+    """queued → (no job): the queue refused the message right after the row was committed; the
+    row is deleted so that no job stays visible as accepted (the client gets 503 and retries)."""
+    return session.execute(delete(Job).where(Job.id == job_id, Job.status == QUEUED)).rowcount > 0  # type: ignore[attr-defined]
 
 
 def cancel(session: Session, *, job_id: str, now: datetime) -> None:

@@ -57,6 +57,19 @@ def revoke_key(*, session: Session, key_id: str) -> ApiKey:
     return row
 
 
+def key_from_header(header: str | None) -> str:
+    """The key of an `Authorization: Bearer <key>` header; Unauthorized naming the right form else."""
+    use = "send 'Authorization: Bearer <key>'"
+    if not header or not header.strip():
+        raise Unauthorized(f"missing API key: {use}")
+    scheme, _, key = header.strip().partition(" ")
+    if not key:
+        raise Unauthorized(f"the Authorization header holds no scheme: {use}")
+    if scheme.lower() != "bearer":
+        raise Unauthorized(f"{scheme[:20]!r} authorization is not supported: {use}")
+    return key.strip()
+
+
 def authenticate(*, session: Session, key: str | None) -> Tenant:
     """The tenant owning an active key; Unauthorized for a missing, malformed, unknown or revoked key."""
     if not key:

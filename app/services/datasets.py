@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -13,10 +16,21 @@ from app.core.config import Settings
 from app.errors import Conflict, InvalidInput, NotFound, TooLarge
 from app.jobs.status import ACTIVE
 from app.metrics import IMAGES_REJECTED
-from app.models import Dataset, Image, Job, Model, Tenant, new_id
-from app.schemas import DatasetCreate, DatasetPublic, ImageAdded, ImageRejected, ImagesAdded
+from app.models import Dataset, Image, Job, Tenant, new_id
+from app.schemas import (
+    DatasetCreate,
+    DatasetPublic,
+    ImageAdded,
+    ImageRejected,
+    ImagesAdded,
+    check_name,
+    clean_name,
+)
 from app.services import images as imgcheck
+from app.services import objects
 from app.storage import Storage
+
+log = logging.getLogger(__name__)
 
 
 def create_dataset(*, session: Session, tenant: Tenant, body: DatasetCreate, settings: Settings) -> Dataset:
@@ -74,11 +88,14 @@ class Upload:
     file: BinaryIO
 
 
-@dataclass
-class _Candidate:
-    filename: str
-    label: str
-    image: imgcheck.CheckedImage
+# Checked images are written to storage in batches of about this many bytes: memory stays bounded
+# whatever the upload's size, and each batch costs one pin commit.
+FLUSH_BYTES = 32 * 1024 * 1024
+
+
+def _display_name(name: str) -> str:
+    """The client's file name as stored and reported: printable characters only, at most 255."""
+    return "".join(ch if ch.isprintable() else "?" for ch in name[:255])
 
 
 @dataclass
@@ -89,6 +106,54 @@ class _Report:
     def reject(self, filename: str, err: imgcheck.Rejected) -> None:
         IMAGES_REJECTED.labels(err.reason).inc()
         self.rejected.append(ImageRejected(filename=filename, detail=err.detail))
+
+    def duplicate(self, filename: str, image_id: str) -> None:
+        detail = "exact duplicate of an image in the dataset"
+        self.rejected.append(ImageRejected(filename=filename, detail=detail, duplicate_of=image_id))
+
+
+@dataclass
+class _Batch:
+    """New image rows of one request and their files: pinned and written every FLUSH_BYTES, the
+    rows committed (and the pins released) at the end. See app.services.objects."""
+
+    session: Session
+    storage: Storage
+    rows: dict[str, tuple[str, Image]] = field(default_factory=dict)  # sha256 -> (filename, row)
+    pending: list[tuple[str, bytes]] = field(default_factory=list)
+    pending_bytes: int = 0
+    pins: list[str] = field(default_factory=list)
+    written: list[str] = field(default_factory=list)
+
+    def add(self, filename: str, row: Image, data: bytes) -> None:
+        self.rows[row.sha256] = (filename, row)
+        self.pending.append((row.sha256, data))
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= FLUSH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.pins.append(objects.pin(session=self.session, keys=[k for k, _ in self.pending]))
+        for key, data in self.pending:
+            self.written.append(key)
+            self.storage.put(data)
+        self.pending, self.pending_bytes = [], 0
+
+    def unpin(self) -> None:
+        for pin_id in self.pins:
+            objects.unpin(session=self.session, pin_id=pin_id)
+
+    def discard(self) -> None:
+        """After a failure: release the pins and remove the files written that nothing else uses."""
+        try:
+            self.session.rollback()
+            self.unpin()
+            self.session.commit()
+            objects.remove_unreferenced(session=self.session, storage=self.storage, keys=self.written)
+        except Exception:  # the original error matters more; lapsed pins are collected later
+            log.exception("could not clean up after a failed upload")
 
 
 def add_images(
@@ -104,21 +169,32 @@ def add_images(
 ) -> ImagesAdded:
     """Check every file, store the good new ones, report the rest.
 
-    Request-level problems (no/both inputs, unknown label, too many files, unsafe or oversized
-    archive) refuse the whole request. Bad single images are rejected with their reason while the
-    good ones are kept; when nothing is added and some file was invalid the request fails (422).
+    Request-level problems (no/both inputs, unknown label, too many files, unsafe, empty or
+    oversized archive) refuse the whole request. Files are read, deduplicated by hash and decoded
+    one at a time. Bad single images are rejected with their reason while the good ones are kept;
+    when nothing is added and some file was invalid the request fails (422).
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
-    report = _Report()
     if files and archive is not None:
         raise InvalidInput("send either 'files' (with 'label') or one 'archive', not both")
     if archive is not None:
-        candidates = _from_archive(archive, dataset, settings, report)
+        items = _from_archive(archive, dataset, settings)
     elif files:
-        candidates = _from_files(files, label, dataset, settings, report)
+        items = _from_files(files, label, dataset, settings)
     else:
         raise InvalidInput("no images: send one or more 'files' with a 'label', or one .zip 'archive'")
-    _store(session=session, storage=storage, dataset=dataset, candidates=candidates, report=report)
+    report = _Report()
+    dataset_id = dataset.id
+    existing = _known(session, dataset_id)
+    batch = _Batch(session, storage)
+    try:
+        for filename, item_label, data in items:
+            _take(batch, report, settings, dataset_id, existing, filename, item_label, data)
+        batch.flush()
+        _commit(batch, report, dataset_id)
+    except BaseException:
+        batch.discard()
+        raise
     invalid = [r for r in report.rejected if r.duplicate_of is None]
     if not report.added and invalid:
         raise InvalidInput(
@@ -128,109 +204,118 @@ def add_images(
     return ImagesAdded(added=report.added, rejected=report.rejected)
 
 
-def _check_label(label: str, dataset: Dataset) -> None:
-    if label not in dataset.classes:
-        raise InvalidInput(f"label {label!r} is not one of the dataset's classes: {dataset.classes}")
+# (filename, label, bytes or the reason the file was refused before decoding)
+_Item = tuple[str, str, "bytes | imgcheck.Rejected"]
+
+
+def _take(batch: _Batch, report: _Report, settings: Settings, dataset_id: str, existing: dict[str, str],
+          filename: str, label: str, data: bytes | imgcheck.Rejected) -> None:
+    """One file: refused, a duplicate (found by hash, before decoding), or checked and batched."""
+    if isinstance(data, imgcheck.Rejected):
+        report.reject(filename, data)
+        return
+    sha = hashlib.sha256(data).hexdigest()
+    dup = existing.get(sha) or (batch.rows[sha][1].id if sha in batch.rows else None)
+    if dup is not None:
+        report.duplicate(filename, dup)
+        return
+    try:
+        img = imgcheck.check_image(data, settings, sha256=sha)
+    except imgcheck.Rejected as e:
+        report.reject(filename, e)
+        return
+    row = Image(
+        id=new_id(), dataset_id=dataset_id, label=label, sha256=sha, storage_key=sha,
+        filename=filename, format=img.format, width=img.width, height=img.height, nbytes=len(data),
+    )  # fmt: skip
+    batch.add(filename, row, data)
+
+
+def _commit(batch: _Batch, report: _Report, dataset_id: str, attempts: int = 3) -> None:
+    """Commit the rows and release the pins in one transaction.
+
+    A concurrent upload of the same image trips unique(dataset_id, sha256): those rows become
+    duplicates of the other upload's and the rest is committed again. A dataset deleted meanwhile
+    trips its foreign key: 404.
+    """
+    session = batch.session
+    for attempt in range(attempts):
+        try:
+            session.add_all(row for _f, row in batch.rows.values())
+            batch.unpin()
+            session.commit()
+            break
+        except IntegrityError as e:
+            session.rollback()
+            if session.get(Dataset, dataset_id) is None:
+                raise NotFound(f"no dataset {dataset_id}: it was deleted during the upload") from e
+            if attempt == attempts - 1:
+                raise Conflict("concurrent uploads of the same images; retry") from e
+            taken = _existing(session, dataset_id, list(batch.rows))
+            for sha, image_id in taken.items():
+                filename, _row = batch.rows.pop(sha)
+                report.duplicate(filename, image_id)
+    for filename, row in batch.rows.values():
+        report.added.append(ImageAdded(image_id=row.id, filename=filename, label=row.label))
+
+
+def _match_label(label: str, dataset: Dataset) -> str | None:
+    """The dataset's class that `label` names (compared NFC-normalised), or None."""
+    wanted = clean_name(label)
+    return next((c for c in dataset.classes if clean_name(c) == wanted), None)
 
 
 def _from_files(
-    files: list[Upload], label: str | None, dataset: Dataset, settings: Settings, report: _Report
-) -> list[_Candidate]:
+    files: list[Upload], label: str | None, dataset: Dataset, settings: Settings
+) -> Iterator[_Item]:
     if len(files) > settings.max_files_per_request:
         raise TooLarge(
             f"{len(files)} files in one request, over the limit of {settings.max_files_per_request}"
         )
     if label is None or not label.strip():
         raise InvalidInput("'label' is required with 'files'")
-    label = label.strip()
-    _check_label(label, dataset)
-    out = []
+    try:
+        cls = _match_label(check_name(label, "label"), dataset)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from e
+    if cls is None:
+        raise InvalidInput(f"label {label[:200]!r} is not one of the dataset's classes: {dataset.classes}")
+    return _read_files(files, cls, settings)
+
+
+def _read_files(files: list[Upload], label: str, settings: Settings) -> Iterator[_Item]:
     for up in files:
         try:
-            data = imgcheck.read_limited(up.file, settings.max_image_bytes)
-            out.append(_Candidate(up.filename, label, imgcheck.check_image(data, settings)))
+            yield _display_name(up.filename), label, imgcheck.read_limited(up.file, settings.max_image_bytes)
         except imgcheck.Rejected as e:
-            report.reject(up.filename, e)
-    return out
+            yield _display_name(up.filename), label, e
 
 
-def _from_archive(archive: Upload, dataset: Dataset, settings: Settings, report: _Report) -> list[_Candidate]:
-    out = []
-    for member in imgcheck.read_archive(archive.file, settings):
-        try:
-            if member.error is not None:
-                raise member.error
-            if member.label is None:
-                raise imgcheck.Rejected("not inside a class folder", "no_label")
-            if member.label not in dataset.classes:
-                raise imgcheck.Rejected(
-                    f"folder {member.label!r} is not one of the dataset's classes", "label"
-                )
+def _from_archive(archive: Upload, dataset: Dataset, settings: Settings) -> Iterator[_Item]:
+    members = imgcheck.read_archive(archive.file, settings)  # whole-archive checks happen here
+    return _read_members(members, dataset)
+
+
+def _read_members(members: Iterator[imgcheck.ArchiveMember], dataset: Dataset) -> Iterator[_Item]:
+    for member in members:
+        name = _display_name(member.filename)
+        cls = _match_label(member.label, dataset) if member.label is not None else None
+        if member.error is not None:
+            yield name, cls or "", member.error
+        elif member.label is None:
+            yield name, "", imgcheck.Rejected("not inside a class folder", "no_label")
+        elif cls is None:
+            detail = f"folder {member.label[:200]!r} is not one of the dataset's classes"
+            yield name, "", imgcheck.Rejected(detail, "label")
+        else:
             assert member.data is not None
-            out.append(_Candidate(member.filename, member.label, imgcheck.check_image(member.data, settings)))
-        except imgcheck.Rejected as e:
-            report.reject(member.filename, e)
-    return out
+            yield name, cls, member.data
 
 
-def _store(
-    *,
-    session: Session,
-    storage: Storage,
-    dataset: Dataset,
-    candidates: list[_Candidate],
-    report: _Report,
-    attempts: int = 3,
-) -> None:
-    """Write files first (atomic, content-addressed), then commit all rows in one transaction.
-
-    A concurrent upload of the same image trips unique(dataset_id, sha256): the transaction is
-    rolled back and duplicates are worked out again.
-    """
-    for attempt in range(attempts):
-        added, dups = _plan(session, dataset, candidates)
-        written = [k for k in added if not storage.exists(k)]
-        try:
-            for c, _row in added.values():
-                storage.put(c.image.data)
-            session.add_all(row for _c, row in added.values())
-            session.commit()
-            break
-        except IntegrityError as e:
-            session.rollback()
-            _remove_unreferenced(session=session, storage=storage, keys=written)
-            if attempt == attempts - 1:
-                raise Conflict("concurrent uploads of the same images; retry") from e
-        except BaseException:
-            session.rollback()
-            _remove_unreferenced(session=session, storage=storage, keys=written)
-            raise
-    report.rejected.extend(dups)
-    for c, row in added.values():
-        report.added.append(ImageAdded(image_id=row.id, filename=c.filename, label=row.label))
-
-
-def _plan(
-    session: Session, dataset: Dataset, candidates: list[_Candidate]
-) -> tuple[dict[str, tuple[_Candidate, Image]], list[ImageRejected]]:
-    """New rows by sha256 (first file wins) and the duplicates (of stored or earlier files)."""
-    existing = _existing(session, dataset.id, [c.image.sha256 for c in candidates])
-    added: dict[str, tuple[_Candidate, Image]] = {}
-    dups: list[ImageRejected] = []
-    for c in candidates:
-        img = c.image
-        dup = existing.get(img.sha256) or (added[img.sha256][1].id if img.sha256 in added else None)
-        if dup is not None:
-            detail = "exact duplicate of an image in the dataset"
-            dups.append(ImageRejected(filename=c.filename, detail=detail, duplicate_of=dup))
-            continue
-        row = Image(
-            id=new_id(), dataset_id=dataset.id, label=c.label, sha256=img.sha256, storage_key=img.sha256,
-            filename=c.filename[:255], format=img.format, width=img.width, height=img.height,
-            nbytes=len(img.data),
-        )  # fmt: skip
-        added[img.sha256] = (c, row)
-    return added, dups
+def _known(session: Session, dataset_id: str) -> dict[str, str]:
+    """sha256 -> image id of every image of the dataset (duplicates are found before decoding)."""
+    rows = session.execute(select(Image.sha256, Image.id).where(Image.dataset_id == dataset_id))
+    return dict(rows.tuples().all())
 
 
 def _existing(session: Session, dataset_id: str, shas: list[str]) -> dict[str, str]:
@@ -240,19 +325,6 @@ def _existing(session: Session, dataset_id: str, shas: list[str]) -> dict[str, s
         select(Image.sha256, Image.id).where(Image.dataset_id == dataset_id, Image.sha256.in_(set(shas)))
     )
     return {sha: image_id for sha, image_id in rows}
-
-
-def _remove_unreferenced(*, session: Session, storage: Storage, keys: list[str]) -> None:
-    """Delete stored files that no image or model row uses any more (best effort)."""
-    if not keys:
-        return
-    used = set(session.scalars(select(Image.storage_key).where(Image.storage_key.in_(keys))))
-    used |= set(session.scalars(select(Model.delta_key).where(Model.delta_key.in_(keys))))
-    for key in set(keys) - used:
-        try:
-            storage.delete(key)
-        except OSError:
-            pass
 
 
 def ensure_idle(*, session: Session, dataset: Dataset) -> None:
@@ -265,7 +337,7 @@ def ensure_idle(*, session: Session, dataset: Dataset) -> None:
 
 
 def delete_dataset(*, session: Session, storage: Storage, tenant: Tenant, dataset_id: str) -> None:
-    """Delete a dataset, its image rows and the files no other row uses.
+    """Delete a dataset, its image rows and the files no other row (or pending upload) uses.
 
     Refused (409) while a queued or running job trains on it: cancel those jobs first.
     Finished jobs keep their record with `dataset_id` set to null.
@@ -277,4 +349,4 @@ def delete_dataset(*, session: Session, storage: Storage, tenant: Tenant, datase
     session.execute(delete(Image).where(Image.dataset_id == dataset.id))
     session.delete(dataset)
     session.commit()
-    _remove_unreferenced(session=session, storage=storage, keys=keys)
+    objects.remove_unreferenced(session=session, storage=storage, keys=keys)

@@ -18,6 +18,7 @@ from app.errors import InvalidInput, NotFound
 from app.models import Dataset, Image, Tenant
 from app.schemas import ImagePublic
 from app.services import datasets as datasets_svc
+from app.services import objects
 from app.storage import Storage, StorageError
 
 
@@ -92,7 +93,7 @@ def delete_image(
     key = image.storage_key
     session.delete(image)
     session.commit()
-    datasets_svc._remove_unreferenced(session=session, storage=storage, keys=[key])
+    objects.remove_unreferenced(session=session, storage=storage, keys=[key])
 
 
 def thumbnail(

@@ -42,13 +42,13 @@ def serving_errors(model_id: str | None) -> Iterator[None]:
     """
     from sparseshot.serving import ServingError
 
-    retry = {"Retry-After": str(get_settings().serving_retry_after_s)}
+    retry = int(get_settings().serving_retry_after_s)
     try:
         yield
     except (BaseModelError, ServingError) as e:
-        raise Unavailable(f"the base model is not available: {e}", headers=retry) from e
+        raise Unavailable(f"the base model is not available: {e}", retry_after_s=retry) from e
     except (QueueFull, QueueTimeout) as e:
-        raise Unavailable(f"the server is busy: {e}", headers=retry) from e
+        raise Unavailable(f"the server is busy: {e}", retry_after_s=retry) from e
     except (DeltaError, StorageError, FileNotFoundError) as e:
         raise ModelNotReady(f"model {model_id} cannot be served: {e}") from e
 

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Conflict, InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound, Unavailable
 from app.jobs import lifecycle
 from app.jobs.status import FINISHED, JobStatus
 from app.models import Job, Tenant, utcnow
@@ -64,7 +64,8 @@ def estimate_seconds(*, settings: Settings, base_model: str, method: str, params
 
 
 def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Tenant, body: JobCreate) -> Job:
-    """Check the dataset and params, commit the queued job, then hand it to the queue.
+    """Check the dataset and params, commit the queued job, then hand it to the queue (503 and no
+    job when the queue cannot take it).
 
     A dataset qualifies when it has images and every class has at least one. The product is
     built for 1-16 images per class; more are accepted (training simply sees them all).
@@ -89,13 +90,16 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
 
 
 def _enqueue(session: Session, queue: Queue, job: Job) -> None:
+    """Hand the committed job to the queue. When the broker cannot take it, the job row is deleted
+    again (nothing half-written stays visible) and the client is told to retry (503)."""
     try:
         queue.enqueue_training(job.id)
     except Exception as e:
         log.exception("could not enqueue job %s", job.id)
-        lifecycle.enqueue_failed(session, job_id=job.id, error=f"could not enqueue: {e}", now=utcnow())
+        lifecycle.withdraw(session, job_id=job.id)
         session.commit()
-        session.refresh(job)
+        raise Unavailable("the job queue is unavailable; the job was not created, retry shortly",
+                          retry_after_s=10) from e
 
 
 def get_job(*, session: Session, tenant: Tenant, job_id: str) -> Job:

@@ -3,6 +3,7 @@ classify, delete."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,10 +14,9 @@ from app.core.config import Settings
 from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge
 from app.models import Job, Model, Tenant
 from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, ZeroshotCreate
-from app.services import bases
+from app.services import bases, objects
 from app.services import images as imgcheck
 from app.services.datasets import Upload
-from app.services.datasets import _remove_unreferenced as remove_unreferenced
 from app.services.jobs import resolve_base_model, validate_params
 from app.storage import Storage
 from sparseshot.delta import DeltaError, SparseDelta
@@ -58,14 +58,21 @@ def create_model_from_delta(
 
     Used by zero-shot creation and import here, and (as store_delta + add_model) by the training
     worker. A failed commit leaves at most an unreferenced content-addressed file, removed here."""
-    key = store_delta(storage=storage, delta=delta, data=data)
+    data = data if data is not None else delta.to_bytes()
+    key = hashlib.sha256(data).hexdigest()  # = the storage key (content-addressed)
+    pin_id = objects.pin(session=session, keys=[key])  # committed before the file exists
     try:
-        model = add_model(session=session, tenant_id=tenant.id, delta=delta, key=key, base_model=base_model,
+        stored = store_delta(storage=storage, delta=delta, data=data)
+        model = add_model(session=session, tenant_id=tenant.id, delta=delta, key=stored,
+                          base_model=base_model,
                           method=method, job_id=job_id, name=name, metrics=metrics)
+        objects.unpin(session=session, pin_id=pin_id)  # the row now holds the key: one commit
         session.commit()
     except BaseException:
         session.rollback()
-        remove_unreferenced(session=session, storage=storage, keys=[key])
+        objects.unpin(session=session, pin_id=pin_id)
+        session.commit()
+        objects.remove_unreferenced(session=session, storage=storage, keys=[key])
         raise
     return model
 
@@ -170,7 +177,7 @@ def delete_model(*, session: Session, storage: Storage, tenant: Tenant, model_id
     session.execute(update(Job).where(Job.model_id == model.id).values(model_id=None))
     session.delete(model)
     session.commit()
-    remove_unreferenced(session=session, storage=storage, keys=[key])
+    objects.remove_unreferenced(session=session, storage=storage, keys=[key])
 
 
 def classify(

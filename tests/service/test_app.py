@@ -19,12 +19,13 @@ def test_readyz_reports_each_check(client: TestClient, monkeypatch: pytest.Monke
     monkeypatch.setattr(bases, "base_ready", lambda: True)
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
-    assert r.json() == {"status": "ready", "checks": {"database": True, "broker": True, "base_model": True}}
+    checks = {"database": True, "broker": True, "base_model": True}
+    assert r.json() == {"status": "ready", "checks": checks, "reasons": {}}
 
     monkeypatch.setattr(bases, "base_ready", lambda: False)
     r = client.get("/readyz")
     assert r.status_code == 503
-    assert r.json()["checks"]["base_model"] is False
+    assert r.json()["checks"]["base_model"] is False and r.json()["reasons"] == {"base_model": "not ready"}
 
 
 def test_openapi_lists_the_v1_routes(client: TestClient) -> None:

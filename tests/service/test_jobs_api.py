@@ -53,12 +53,16 @@ def test_job_needs_images_in_every_class(api, enqueued: list[str]) -> None:
     assert enqueued == []
 
 
-def test_failed_enqueue_marks_the_job_failed(api, queue: RecordingQueue) -> None:
-    queue.fail = ConnectionError("broker down")
+def test_broker_down_at_submit_is_503_and_leaves_no_job(api, queue: RecordingQueue) -> None:
+    from kombu.exceptions import OperationalError
+
+    # What kombu raises when Redis refuses the connection.
+    queue.fail = OperationalError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
     ds = api.ready_dataset()
-    r = api.job(ds["id"])
-    assert r.status_code == 202
-    assert r.json()["status"] == "failed" and "broker down" in r.json()["error"]
+    body = api.problem(api.job(ds["id"]), 503)
+    assert "not created" in body["detail"]
+    assert int(api.job(ds["id"]).headers["Retry-After"]) > 0
+    assert api.client.get("/v1/jobs", headers=api.headers).json() == []  # nothing half-written
 
 
 def test_list_jobs_filters_by_status(api, engine) -> None:

@@ -50,3 +50,24 @@ def test_help_lists_commands(capsys):
     out = capsys.readouterr().out
     for name in ("serve", "worker", "migrate", "keys", "bench"):
         assert name in out
+
+
+def test_keys_create_before_migrate_and_blank_tenant_are_clear_errors(tmp_path, monkeypatch, capsys):
+    from app import db
+    from app.core.config import get_settings
+
+    monkeypatch.setenv("SPARSESHOT_DATA_DIR", str(tmp_path / "fresh"))
+    monkeypatch.delenv("SPARSESHOT_DATABASE_URL", raising=False)
+    get_settings.cache_clear()
+    db.dispose_engines()
+    try:
+        assert cli.main(["keys", "create", "--tenant", "acme"]) == 1
+        err = capsys.readouterr().err
+        assert "sparseshot migrate" in err and "Traceback" not in err
+        assert cli.main(["migrate"]) == 0
+        assert cli.main(["keys", "create", "--tenant", "   "]) == 1
+        assert "--tenant" in capsys.readouterr().err
+        assert cli.main(["keys", "create", "--tenant", "x" * 201]) == 1
+    finally:
+        db.dispose_engines()
+        get_settings.cache_clear()

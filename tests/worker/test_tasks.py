@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -51,7 +52,8 @@ def fake_adapt_factory(calls: list[dict[str, Any]], *, steps: int = 3, sleep: fl
                        fail: Exception | None = None):
     def adapt(base, images, labels, classes, method="so", *, on_progress=None, should_stop=None,
               checkpoint=None, **hp):
-        calls.append(dict(n_images=len(images), labels=list(labels), classes=list(classes), method=method,
+        calls.append(dict(n_images=len(images), sizes=[im.size for im in images], labels=list(labels),
+                          classes=list(classes), method=method,
                           checkpoint=checkpoint, hparams=hp))
         for step in range(1, steps + 1):
             if should_stop is not None and should_stop():
@@ -80,7 +82,7 @@ def fake_lib(monkeypatch):
     calls: list[dict[str, Any]] = []
     monkeypatch.setitem(vars(sparseshot), "Cancelled", FakeCancelled)
     monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory(calls))
-    monkeypatch.setattr(tasks, "get_base", lambda spec: object())
+    monkeypatch.setattr(tasks, "get_base", lambda spec: SimpleNamespace(image_size=16))
     return calls
 
 
@@ -137,6 +139,19 @@ def test_success_creates_model_in_one_go(settings, runtime, fake_lib):
     assert call["hparams"] == {"n_iters": 3}
     assert call["checkpoint"].endswith(f"checkpoints/{job_id}.pt")
     assert not Path(call["checkpoint"]).exists()
+
+
+def test_training_images_are_kept_at_the_models_input_size(settings, runtime, fake_lib):
+    job_id = make_job(n_per_class=1)
+    with session_scope() as s:  # one large image, stored as an upload would
+        ds_id = s.get(Job, job_id).dataset_id
+        buf = io.BytesIO()
+        PILImage.new("L", (1200, 600), 7).save(buf, format="PNG")
+        key = get_storage().put(buf.getvalue())
+        s.add(Image(dataset_id=ds_id, label="cat", sha256=key, storage_key=key, filename="big.png",
+                    format="PNG", width=1200, height=600, nbytes=len(buf.getvalue())))
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
+    assert sorted(fake_lib[0]["sizes"]) == [(8, 8), (8, 8), (32, 16)]  # shorter side 16, never upscaled
 
 
 def test_duplicate_message_is_dropped(settings, runtime, fake_lib):

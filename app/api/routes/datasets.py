@@ -7,10 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.responses import problem_responses
 from app.schemas import DatasetCreate, DatasetPublic, ImagesAdded
 from app.services import datasets as svc
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=problem_responses())
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
@@ -68,9 +69,10 @@ def add_images(
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
-    label: Annotated[str | None, Form(description="Class of every file in `files`.")] = None,
-    files: Annotated[list[UploadFile] | None, File(description="Images of class `label`.")] = None,
-    archive: Annotated[UploadFile | None, File(description=".zip with one folder per class.")] = None,
+    # Optional parts typed without `| None`: the schema then offers no `null`, which a form cannot send.
+    label: Annotated[str, Form(description="Class of every file in `files`.")] = None,  # type: ignore[assignment]
+    files: Annotated[list[UploadFile], File(description="Images of class `label`.")] = None,  # type: ignore[assignment]
+    archive: Annotated[UploadFile, File(description=".zip with one folder per class.")] = None,  # type: ignore[assignment]
 ) -> ImagesAdded:
     """Add images to a dataset.
 

@@ -52,15 +52,16 @@ def healthz() -> dict[str, str]:
 def readyz(runtime: RuntimeDep) -> JSONResponse:
     """Readiness.
 
-    200 when the database, the broker and the base model are usable, else 503 with each check.
+    200 when the database, the broker and the base model are usable, else 503 with each check
+    and, in `reasons`, why each failing one failed.
     """
-    checks = {
-        "database": db.ping(runtime.engine),
-        "broker": _broker_ready(runtime.queue),
-        "base_model": _base_ready(),
-    }
+    db_error = db.check(runtime.engine)
+    checks = {"database": db_error is None, "broker": _broker_ready(runtime.queue),
+              "base_model": _base_ready()}
+    reasons = {"database": db_error} if db_error else {}
+    reasons.update({k: "not ready" for k, ok in checks.items() if not ok and k not in reasons})
     ok = all(checks.values())
-    body = Readiness(status="ready" if ok else "not ready", checks=checks)
+    body = Readiness(status="ready" if ok else "not ready", checks=checks, reasons=reasons)
     return JSONResponse(body.model_dump(), status_code=200 if ok else 503)
 
 

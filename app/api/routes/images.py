@@ -10,10 +10,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response, status
 
 from app.api.deps import PageDep, SessionDep, StorageDep, TenantDep
+from app.api.responses import problem_responses
 from app.schemas import ClassName, ImagePatch, ImagePublic
 from app.services import images_catalog as svc
 
-router = APIRouter(prefix="/v1/datasets/{dataset_id}/images", tags=["images"])
+router = APIRouter(prefix="/v1/datasets/{dataset_id}/images", tags=["images"], responses=problem_responses())
 
 
 @router.get("")

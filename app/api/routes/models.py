@@ -8,11 +8,12 @@ from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.responses import problem_responses
 from app.schemas import ClassifyPublic, ModelPublic, ZeroshotCreate
 from app.services import models as svc
 from app.services.datasets import Upload
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses())
 
 
 @router.post("/zeroshot", status_code=status.HTTP_201_CREATED)
@@ -104,7 +105,9 @@ def classify(
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
-    files: Annotated[list[UploadFile], File(description="Images to classify.")],
+    files: Annotated[
+        list[UploadFile], File(description="Images to classify.", json_schema_extra={"minItems": 1})
+    ],
     top_k: Annotated[int, Form(ge=1)] = 5,
 ) -> ClassifyPublic:
     """Classify images with a model.
