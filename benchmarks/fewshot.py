@@ -15,7 +15,12 @@ reads the CoOp / CLIP-LoRA folder layout (benchmarks.datasets.REAL_DATASETS), sa
 class by seed, evaluates on each dataset's test split and prints the published averages beside.
 
 --json FILE writes {"average": {method: {shots: mean %}}, "tasks": {task: {method: {shots:
-{"mean": %, "std": %}}}}, "train_seconds": {method: mean seconds}, "config": {...}}.
+{"mean": %, "std": %}}}}, "train_seconds": {method: mean seconds}, "delta": {method: {shots: {"nnz",
+"density", "bytes"}}}, "budget_curve": {"so": {"budgets": {budget: {shots: {"average", "density",
+"bytes"}}}, "shots", "default"}}, "config": {...}}. Densities are fractions of the entries of the SO
+recipe's trainable matrices; bytes are the delta file's (entries, class embeddings, metadata). The
+budget rows ("so@0.05", ...) at the budget shot counts come from sparseshot.recipe.adapt_budgets:
+one main SO phase, then prune-and-refine per budget, each equal to a run with that delta_budget.
 """
 
 from __future__ import annotations
@@ -54,12 +59,12 @@ SO_VARIANTS = {"paper": {"density": 5e-4, "refresh_every": 10}, "code": {"densit
 # - the second SO setting (the code's density/T) only at 1 and 4 shots, to fit the time budget.
 OFFLINE = {
     "shots": [1, 4, 16], "seeds": 3, "so_iters": 24, "lora_iters": 6, "so_density_scale": 36.0,
-    "variant_shots": [1, 4],
+    "variant_shots": [1, 4], "budgets": [1.0, 0.2, 0.05, 0.01, 0.002], "budget_shots": [4, 16],
     "so_lr": 1e-2, "lora_lr": 1e-2, "pretrain_steps": None, "crop_scale": 0.5,
 }
 QUICK = {
     "shots": [1, 4], "seeds": 1, "so_iters": 2, "lora_iters": 2, "so_density_scale": 36.0,
-    "variant_shots": None,
+    "variant_shots": None, "budgets": [1.0, 0.05, 0.01], "budget_shots": [4],
     "so_lr": 1e-2, "lora_lr": 1e-2, "pretrain_steps": 40, "crop_scale": 0.5,
 }
 
@@ -72,6 +77,18 @@ class MethodSpec:
     method: str
     hparams: dict[str, Any]
     shots: list[int] | None = None  # run only at these shot counts (None: all)
+    # SO: at these shot counts also the delta budgets (rows "<label>@<budget>"), trained by
+    # sparseshot.recipe.adapt_budgets: one main phase, then prune-and-refine per budget.
+    budgets: list[float] | None = None
+    budget_shots: list[int] | None = None
+
+    def labels(self) -> list[str]:
+        """Table rows of this spec: its label, then one per budget below 1."""
+        return [self.label] + [budget_label(self.label, b) for b in self.budgets or [] if b < 1.0]
+
+
+def budget_label(label: str, budget: float) -> str:
+    return f"{label}@{budget:g}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,61 +159,131 @@ def accuracy(base: Any, result: Any, test: EvalSplit, cache: dict[str, torch.Ten
 # Running
 # ----------------------------------------------------------------------------------------------
 
-# results[task][label][shots] -> list of (accuracy %, train seconds), one per seed
-Results = dict[str, dict[str, dict[int, list[tuple[float, float]]]]]
+@dataclass
+class RunStat:
+    """One training run's figures: accuracy %, train seconds, stored delta (entries, fraction, bytes)."""
+
+    accuracy: float
+    seconds: float
+    nnz: int
+    density: float  # nnz / entries of the SO recipe's trainable matrices of the base
+    nbytes: int  # the delta file (SparseDelta.to_bytes: entries + class embeddings + metadata)
 
 
-TaskResults = dict[str, dict[int, list[tuple[float, float]]]]
+# results[task][label][shots] -> one RunStat per seed
+TaskResults = dict[str, dict[int, list[RunStat]]]
+Results = dict[str, TaskResults]
+
+
+def trained_entries(base: Any) -> int:
+    """Entries of the matrices the SO recipe trains (the denominator of every delta density)."""
+    from sparseshot.recipe import trainable_weights
+
+    return sum(p.numel() for p in trainable_weights(base.model).values())
+
+
+def _stat(base: Any, result: Any, test: EvalSplit, cache: dict[str, torch.Tensor], seconds: float,
+          entries: int) -> RunStat:
+    delta = result.delta
+    return RunStat(accuracy(base, result, test, cache), seconds, delta.nnz, delta.nnz / entries,
+                   delta.nbytes)
+
+
+def _adapt_spec(base: Any, spec: MethodSpec, k: int, images: list[Any], labels: list[int],
+                task: ds.FewShotTask, seed: int) -> dict[str, tuple[Any, float]]:
+    """label -> (AdaptResult, train seconds) of one spec at k shots (several labels with budgets)."""
+    from sparseshot.recipe import adapt, adapt_budgets
+
+    hp = {**spec.hparams, "template": task.template}
+    if spec.method == "zeroshot":
+        t0 = time.perf_counter()
+        r = adapt(base, [], [], task.classes, "zeroshot", **hp)
+        return {spec.label: (r, time.perf_counter() - t0)}
+    if spec.budgets and spec.budget_shots and k in spec.budget_shots:
+        hp.pop("delta_budget", None)
+        rs = adapt_budgets(base, images, labels, task.classes, spec.budgets, seed=seed, **hp)
+        return {(spec.label if b >= 1.0 else budget_label(spec.label, b)): (r, r.metrics["train_seconds"])
+                for b, r in rs.items()}
+    t0 = time.perf_counter()
+    r = adapt(base, images, labels, task.classes, spec.method, seed=seed, **hp)
+    return {spec.label: (r, time.perf_counter() - t0)}
 
 
 def run_task(base: Any, task: ds.FewShotTask, specs: Sequence[MethodSpec], shots: Sequence[int],
              seeds: Sequence[int], log: Callable[[str], None]) -> TaskResults:
-    from sparseshot.recipe import adapt
-
     test = EvalSplit(base, task)
     cache: dict[str, torch.Tensor] = {}
-    out: TaskResults = {s.label: {k: [] for k in shots if s.shots is None or k in s.shots} for s in specs}
+    entries = trained_entries(base)
+    out: TaskResults = {}
     for k in shots:
         for seed in seeds:
             images, labels = task.sample(k, seed)
             for spec in specs:
                 if spec.shots is not None and k not in spec.shots:
                     continue
-                hp = {**spec.hparams, "template": task.template}
-                imgs, labs = (images, labels) if spec.method != "zeroshot" else ([], [])
-                t0 = time.perf_counter()
-                r = adapt(base, imgs, labs, task.classes, spec.method, seed=seed, **hp) \
-                    if spec.method != "zeroshot" else adapt(base, [], [], task.classes, "zeroshot", **hp)
-                secs = time.perf_counter() - t0
-                acc = accuracy(base, r, test, cache)
-                out[spec.label][k].append((acc, secs))
-                log(f"  {task.name:>16} {spec.label:>9} {k:>2}-shot seed {seed}: {acc:5.1f}% "
-                    f"({secs:.1f} s, {r.metrics['steps']} steps)")
+                for label, (r, secs) in _adapt_spec(base, spec, k, images, labels, task, seed).items():
+                    st = _stat(base, r, test, cache, secs, entries)
+                    out.setdefault(label, {}).setdefault(k, []).append(st)
+                    log(f"  {task.name:>16} {label:>12} {k:>2}-shot seed {seed}: {st.accuracy:5.1f}% "
+                        f"({secs:.1f} s, {r.metrics['steps']} steps, delta {100 * st.density:.2f}% "
+                        f"{st.nbytes / 1e3:.0f} kB)")
     return out
 
 
+def _row_labels(results: Results, specs: Sequence[MethodSpec]) -> list[str]:
+    """Table rows in spec order (budget rows after their spec), those that have results."""
+    present = {label for by_label in results.values() for label in by_label}
+    return [label for s in specs for label in s.labels() if label in present]
+
+
 def summarise(results: Results, specs: Sequence[MethodSpec], shots: Sequence[int]) -> dict[str, Any]:
-    """The JSON table: per-task mean/std, the average over tasks, mean train seconds per method."""
+    """The JSON table: per-task mean/std, the average over tasks, mean train seconds per method,
+    and per method and shot count the stored delta's mean nnz, density and bytes."""
+    labels = _row_labels(results, specs)
     tasks: dict[str, Any] = {}
     for task, by_label in results.items():
         tasks[task] = {}
         for label, by_shot in by_label.items():
             tasks[task][label] = {}
             for k, runs in by_shot.items():
-                accs = [a for a, _ in runs]
+                accs = [r.accuracy for r in runs]
                 std = statistics.pstdev(accs) if len(accs) > 1 else 0.0
                 tasks[task][label][str(k)] = {"mean": round(statistics.fmean(accs), 2), "std": round(std, 2)}
-    average = {
-        s.label: {str(k): round(statistics.fmean(tasks[t][s.label][str(k)]["mean"] for t in tasks), 2)
-                  for k in shots if s.shots is None or k in s.shots}
-        for s in specs
-    }
-    seconds = {
-        s.label: round(statistics.fmean(sec for t in results for runs in results[t][s.label].values()
-                                        for _, sec in runs), 3)
-        for s in specs
-    }
-    return {"average": average, "tasks": tasks, "train_seconds": seconds}
+    ks = {label: [k for k in shots if all(k in results[t].get(label, {}) for t in results)]
+          for label in labels}
+    average = {label: {str(k): round(statistics.fmean(tasks[t][label][str(k)]["mean"] for t in tasks), 2)
+                       for k in ks[label]} for label in labels}
+    seconds = {label: round(statistics.fmean(r.seconds for t in results
+                                             for runs in results[t][label].values() for r in runs), 3)
+               for label in labels}
+    delta = {label: {str(k): _delta_stats([r for t in results for r in results[t][label][k]])
+                     for k in ks[label]} for label in labels}
+    return {"average": average, "tasks": tasks, "train_seconds": seconds, "delta": delta}
+
+
+def _delta_stats(runs: Sequence[RunStat]) -> dict[str, float]:
+    """Mean stored-delta figures over runs (seeds and tasks)."""
+    return {"nnz": round(statistics.fmean(r.nnz for r in runs)),
+            "density": round(statistics.fmean(r.density for r in runs), 6),
+            "bytes": round(statistics.fmean(r.nbytes for r in runs))}
+
+
+def budget_curve(summary: dict[str, Any], spec: MethodSpec) -> dict[str, Any]:
+    """{budget: {shots: {"average": %, "density": fraction, "bytes": n}}} of an SO spec with budgets,
+    and "default": the smallest budget whose average at the first budget shot count stays within
+    one point of the unbudgeted one."""
+    curve: dict[str, Any] = {}
+    for b in spec.budgets or []:
+        label = spec.label if b >= 1.0 else budget_label(spec.label, b)
+        curve[f"{b:g}"] = {str(k): {"average": summary["average"][label][str(k)],
+                                    "density": summary["delta"][label][str(k)]["density"],
+                                    "bytes": summary["delta"][label][str(k)]["bytes"]}
+                           for k in spec.budget_shots or [] if str(k) in summary["average"].get(label, {})}
+    first = str((spec.budget_shots or [0])[0])
+    ref = curve.get("1", {}).get(first, {}).get("average")
+    ok = [float(b) for b, row in curve.items() if ref is not None and first in row
+          and row[first]["average"] >= ref - 1.0]
+    return {"budgets": curve, "shots": first, "default": min(ok) if ok else None}
 
 
 def format_table(summary: dict[str, Any], shots: Sequence[int],
@@ -211,7 +298,8 @@ def format_table(summary: dict[str, Any], shots: Sequence[int],
     tail = " |" if published else ""
     for task, by_label in summary["tasks"].items():
         for label in labels:
-            cells = [_cell(by_label[label][str(k)]) if str(k) in by_label[label] else "–" for k in shots]
+            row = by_label.get(label, {})
+            cells = [_cell(row[str(k)]) if str(k) in row else "–" for k in shots]
             lines.append(f"| {task} | {label} | " + " | ".join(cells) + " | |" + tail)
     for label in labels:
         avg = summary["average"][label]
@@ -221,6 +309,31 @@ def format_table(summary: dict[str, Any], shots: Sequence[int],
             ref = published.get(label)
             row += f" {ref:.1f} |" if ref is not None else " |"
         lines.append(row)
+    return "\n".join(lines)
+
+
+def format_delta_table(summary: dict[str, Any], shots: Sequence[int]) -> str:
+    """Markdown table of the stored deltas: density (% of the SO-trained entries) and kB, per shot count."""
+    head = "| method | " + " | ".join(f"{k}-shot density / kB" for k in shots) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, by_shot in summary["delta"].items():
+        cells = [f"{100 * by_shot[str(k)]['density']:.2f} % / {by_shot[str(k)]['bytes'] / 1e3:.0f}"
+                 if str(k) in by_shot else "–" for k in shots]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_budget_curve(curve: dict[str, Any]) -> str:
+    """Markdown table: a row per budget, per shot count the average accuracy, density and kB."""
+    shots = sorted({k for row in curve["budgets"].values() for k in row}, key=int)
+    head = "| delta_budget | " + " | ".join(f"{k}-shot avg % / density % / kB" for k in shots) + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for b, row in curve["budgets"].items():
+        cells = [f"{row[k]['average']:.1f} / {100 * row[k]['density']:.2f} / {row[k]['bytes'] / 1e3:.0f}"
+                 if k in row else "–" for k in shots]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    lines.append(f"smallest budget within 1 point of the unbudgeted average at {curve['shots']} shots: "
+                 f"{curve['default']}")
     return "\n".join(lines)
 
 
@@ -239,6 +352,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a small offline run for smoke tests (< 1 min)")
     p.add_argument("--data-root", type=Path, help="real-data mode: CoOp / CLIP-LoRA dataset layout")
     p.add_argument("--datasets", help="real-data mode: comma-separated subset (default: all found)")
+    p.add_argument("--tasks", help="offline mode: comma-separated subset of shifted_shapes,digits")
     p.add_argument("--base", help="base model spec (offline default: the pretrained synthetic CLIP)")
     p.add_argument("--device", help="cpu / cuda (default: cuda when available)")
     p.add_argument("--shots", help="comma-separated shot counts (default 1,4,16)")
@@ -251,6 +365,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--lora-iters", type=int, help="LoRA n_iters; offline default 8, real 500")
     p.add_argument("--variant-shots",
                    help="run the SO variants after the first only at these shot counts (offline default 1,4)")
+    p.add_argument("--budgets",
+                   help="SO delta budgets of the budget curve, comma-separated (offline default "
+                        "1,0.2,0.05,0.01,0.002; 'none' for no curve)")
+    p.add_argument("--budget-shots", help="shot counts of the budget curve (offline default 4,16)")
     p.add_argument("--so-density-scale", type=float,
                    help="multiply the SO variants' densities (offline default 36, real 1)")
     p.add_argument("--so-lr", type=float, help="SO learning rate (offline default 1e-2, real 2e-4)")
@@ -272,13 +390,17 @@ def _settings(a: argparse.Namespace) -> dict[str, Any]:
     if real:
         d = {"shots": [1, 4, 16], "seeds": 3, "so_iters": 2000, "lora_iters": 500, "so_lr": 2e-4,
              "lora_lr": 2e-4, "pretrain_steps": None, "crop_scale": None, "so_density_scale": 1.0,
-             "variant_shots": None}
+             "variant_shots": None, "budgets": [1.0, 0.2, 0.05, 0.01, 0.002], "budget_shots": [4, 16]}
     else:
         d = dict(QUICK if a.quick else OFFLINE)
     if a.shots:
         d["shots"] = [int(s) for s in a.shots.split(",")]
     if a.variant_shots:
         d["variant_shots"] = [int(s) for s in a.variant_shots.split(",")]
+    if a.budgets:
+        d["budgets"] = [] if a.budgets == "none" else [float(b) for b in a.budgets.split(",")]
+    if a.budget_shots:
+        d["budget_shots"] = [int(s) for s in a.budget_shots.split(",")]
     for key in ("seeds", "so_iters", "lora_iters", "so_lr", "lora_lr", "pretrain_steps", "crop_scale",
                 "so_density_scale"):
         if getattr(a, key) is not None:
@@ -306,8 +428,15 @@ def method_specs(methods: str, variants: str, st: dict[str, Any]) -> list[Method
             for i, v in enumerate(names):
                 label = "so" if i == 0 else f"so-{v}"
                 density = min(1.0, SO_VARIANTS[v]["density"] * st["so_density_scale"])
-                hp = {**SO_VARIANTS[v], "density": density, "n_iters": st["so_iters"], "lr": st["so_lr"]}
-                specs.append(MethodSpec(label, "so", hp, None if i == 0 else st["variant_shots"]))
+                # delta_budget 1: the rows without a budget keep every entry SO changed, whatever the
+                # library default; the budgets appear as their own rows (first variant only).
+                hp = {**SO_VARIANTS[v], "density": density, "n_iters": st["so_iters"], "lr": st["so_lr"],
+                      "delta_budget": 1.0}
+                if i == 0:
+                    budget_shots = [k for k in st["budget_shots"] if k in st["shots"]]
+                    specs.append(MethodSpec(label, "so", hp, None, st["budgets"] or None, budget_shots))
+                else:
+                    specs.append(MethodSpec(label, "so", hp, st["variant_shots"]))
     return specs
 
 
@@ -318,7 +447,12 @@ def _load_tasks(a: argparse.Namespace, st: dict[str, Any], image_size: int) -> l
     if st["mode"] == "quick":
         return [ds.shifted_shapes_task(image_size, n_train_per_class=4, n_test_per_class=3),
                 ds.digits_task(image_size, n_test_per_class=10)]
-    return [ds.shifted_shapes_task(image_size), ds.digits_task(image_size)]
+    tasks = [ds.shifted_shapes_task(image_size), ds.digits_task(image_size)]
+    wanted = [t.strip() for t in a.tasks.split(",")] if a.tasks else [t.name for t in tasks]
+    unknown = set(wanted) - {t.name for t in tasks}
+    if unknown:
+        raise SystemExit(f"unknown offline tasks: {', '.join(sorted(unknown))}")
+    return [t for t in tasks if t.name in wanted]
 
 
 def with_crop_scale(base: Any, low: float) -> Any:
@@ -380,7 +514,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     published = PUBLISHED_4SHOT_AVERAGE if a.data_root is not None else None
     if published:
         summary["published_4shot_average"] = published
+    curves = {s.label: budget_curve(summary, s) for s in specs if s.budgets and s.budget_shots}
+    if curves:
+        summary["budget_curve"] = curves
     print(format_table(summary, st["shots"], published))
+    print("\nstored deltas (mean over tasks and seeds):")
+    print(format_delta_table(summary, st["shots"]))
+    for label, curve in curves.items():
+        print(f"\n{label} delta budget curve (average %, density %, kB):")
+        print(format_budget_curve(curve))
     print(f"total {summary['config']['total_seconds']:.0f} s (pretraining {pretrain_s:.0f} s)")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ _EXPORTS = {
     "BaseModelError": "sparseshot.base",
     "load_base": "sparseshot.base",
     "adapt": "sparseshot.recipe",
+    "adapt_budgets": "sparseshot.recipe",
+    "config_for": "sparseshot.configs",
     "AdaptResult": "sparseshot.recipe",
     "Cancelled": "sparseshot.recipe",
     "Progress": "sparseshot.recipe",

@@ -161,6 +161,21 @@ def _resolve_config(name: str) -> dict[str, Any]:
     raise _unknown_name_error(name)
 
 
+def tower_depths(spec: str) -> dict[str, int] | None:
+    """Residual blocks per tower ({"vision": n, "text": m}) of the model `spec` names, read from its
+    config alone (no weights); None where only loading tells (a checkpoint with its own config, hf-hub)."""
+    try:
+        name, pretrained = parse_spec(spec)
+        if pretrained is None or name.startswith(_SCHEMAS):
+            return None
+        cfg = _resolve_config(name)
+    except BaseModelError:
+        return None
+    layers = {tower: (cfg.get(f"{tower}_cfg") or {}).get("layers") for tower in ("vision", "text")}
+    depths = {tower: n for tower, n in layers.items() if isinstance(n, int) and not isinstance(n, bool)}
+    return depths or None
+
+
 def _build(cfg: Mapping[str, Any]) -> nn.Module:
     """Instantiate an open_clip model from its config, without downloading any tower weights."""
     config: dict[str, Any] = copy.deepcopy(dict(cfg))

@@ -15,40 +15,9 @@ from torch import nn
 
 from sparseshot.base import BaseModel
 from sparseshot.delta import SparseDelta
+from sparseshot.prompts import DEFAULT_TEMPLATE, class_text_embeddings, format_prompts
 
-DEFAULT_TEMPLATE = "a photo of a {}."
-
-
-def format_prompts(classes: Sequence[str], template: str) -> list[str]:
-    """One prompt per class: `template` with "{}" replaced by the class name."""
-    if "{}" not in template:
-        raise ValueError(f"prompt template must contain '{{}}' for the class name, got {template!r}")
-    return [template.replace("{}", c) for c in classes]
-
-
-def class_text_embeddings(
-    model: nn.Module,
-    tokenizer: Any,
-    classes: Sequence[str],
-    template: str = DEFAULT_TEMPLATE,
-    device: torch.device | str | None = None,
-    batch_size: int = 256,
-) -> torch.Tensor:
-    """(C, D) fp32 L2-normalised text embeddings of the class prompts, on `device` (default: the model's).
-
-    Runs without gradients; training code that needs gradients through the text tower computes its own.
-    """
-    if not classes:
-        raise ValueError("at least one class is needed")
-    if device is None:
-        device = next(model.parameters()).device
-    prompts = format_prompts(classes, template)
-    chunks = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch_size):
-            tokens = tokenizer(prompts[i : i + batch_size]).to(device)  # (b, context_length)
-            chunks.append(model.encode_text(tokens).float())  # type: ignore[operator]  # (b, D)
-    return F.normalize(torch.cat(chunks), dim=-1)
+__all__ = ["Classifier", "DEFAULT_TEMPLATE", "class_text_embeddings", "format_prompts"]
 
 
 def _logit_scale(model: nn.Module) -> float:

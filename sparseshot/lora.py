@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LoRAAdapter", "add_lora", "lora_delta_parts", "remove_lora", "select_blocks"]
+__all__ = ["LoRAAdapter", "add_lora", "lora_delta_parts", "remove_lora", "select_blocks", "tower_depths"]
 
 _HOOKS = ("lora_q", "lora_k", "lora_v")
 # Tower attribute paths of an open_clip CLIP model: name prefix -> attribute chain.
@@ -57,6 +57,11 @@ def _tower_blocks(model: nn.Module, encoder: str) -> tuple[str, Sequence[nn.Modu
     if blocks is None:
         raise ValueError(f"{'.'.join(_TOWERS[encoder])} has no resblocks")
     return ".".join(_TOWERS[encoder]) + ".resblocks", list(blocks)
+
+
+def tower_depths(model: nn.Module) -> dict[str, int]:
+    """Number of residual blocks of each tower of an open_clip CLIP: {"vision": n, "text": m}."""
+    return {tower: len(_tower_blocks(model, tower)[1]) for tower in _TOWERS}
 
 
 def select_blocks(

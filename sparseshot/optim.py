@@ -28,7 +28,8 @@ Per-tensor state (``so.state[p]``) of a sparse tensor:
   'step'    int, steps taken by this tensor;
   'support' (k,) int64, S sorted ascending, on p.device;
   'm_idx'   (0,) before the first step, then (k,) int64 sorted ascending: M;
-  'm', 'v'  fp32 moments aligned with 'm_idx'.
+  'm', 'v'  fp32 moments aligned with 'm_idx';
+  'fixed'   True once `fix_support` pinned S (absent otherwise).
 ('m_idx', 'm', 'v' may be views into one buffer shared by the group: read them, do not write them.)
 Tensors of a group with ``dense=True`` get plain Adam (coupled weight decay, as torch.optim.Adam,
 bias-corrected once) with state 'step', 'exp_avg', 'exp_avg_sq' (fp32). Moments are fp32 for
@@ -229,6 +230,18 @@ class SO(Optimizer):
         """Current gradient support S of a sparse parameter: (k,) int64 flat indices, ascending."""
         return self.state[p]["support"]
 
+    def fix_support(self, p: torch.Tensor, support: torch.Tensor) -> None:
+        """From now on train `p` only on `support` ((k,) distinct flat indices): S := support, never
+        redrawn, moments cleared. With S fixed, M ⊆ U = S after the first step, so the update is
+        plain Adam on those k entries (used to re-train a pruned delta on its kept entries)."""
+        state = self.state[p]
+        state["support"] = support.to(device=p.device, dtype=torch.long).sort().values
+        state["fixed"] = True
+        state["m_idx"] = torch.empty(0, dtype=torch.long, device=p.device)
+        state["m"] = torch.empty(0, dtype=torch.float32, device=p.device)
+        state["v"] = torch.empty(0, dtype=torch.float32, device=p.device)
+        self._new_probe(p)
+
     def grad_probe(self, p: torch.Tensor) -> torch.Tensor:
         """(k,) fp32 leaf (zeros, requires_grad) whose .grad is read as ∂L/∂θ[S] by step().
 
@@ -386,7 +399,7 @@ class SO(Optimizer):
         for (_, t), items in batches.items():
             self._sparse_batch_step(group, t, [p for p, _ in items], [g for _, g in items])
             if t % group["refresh_every"] == 0:
-                self._redraw([p for p, _ in items])
+                self._redraw([p for p, _ in items if not self.state[p].get("fixed", False)])
 
     def _sparse_batch_step(
         self, group: dict[str, Any], t: int, params: list[torch.Tensor], grads: list[torch.Tensor]

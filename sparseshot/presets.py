@@ -42,7 +42,8 @@ STEP_SECONDS: dict[tuple[str, str, str], float] = {
 FALLBACK_ARCH = "ViT-B-16"
 
 
-def preset_params(preset: str, method: str, params: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def preset_params(preset: str, method: str, params: Mapping[str, Any] | None = None, *,
+                  depths: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The preset's hyperparameters of `method` with `params` on top, validated (defaults merged).
 
     Raises ValueError on an unknown preset or method and on bad hyperparameters.
@@ -54,7 +55,7 @@ def preset_params(preset: str, method: str, params: Mapping[str, Any] | None = N
     by_method = PRESETS[preset]
     if method not in by_method:
         raise ValueError(f"preset {preset!r} has no settings for method {method!r}")
-    return validate_hparams(method, {**copy.deepcopy(by_method[method]), **dict(params or {})})
+    return validate_hparams(method, {**copy.deepcopy(by_method[method]), **dict(params or {})}, depths=depths)
 
 
 def base_arch(spec: str) -> str:

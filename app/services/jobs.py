@@ -30,13 +30,17 @@ def resolve_base_model(requested: str | None, settings: Settings) -> str:
     raise InvalidInput(f"base_model {requested!r} is not served here; use one of {allowed}")
 
 
-def validate_params(method: str, params: dict, preset: str = "standard") -> dict:
+def validate_params(method: str, params: dict, preset: str = "standard",
+                    base_model: str | None = None) -> dict:
     """The preset's hyper-parameters with `params` on top and the recipe defaults merged;
-    InvalidInput on unknown keys or bad values."""
+    InvalidInput on unknown keys or bad values (with `base_model`, also on block positions beyond
+    its towers' depth when its config tells)."""
+    from sparseshot.base import tower_depths
     from sparseshot.presets import preset_params
 
     try:
-        return preset_params(preset, method, params)
+        depths = tower_depths(base_model) if base_model else None
+        return preset_params(preset, method, params, depths=depths)
     except ValueError as e:
         raise InvalidInput(f"invalid params for method {method!r}: {e}") from e
 
@@ -69,7 +73,7 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=body.dataset_id)
     base_model = resolve_base_model(body.base_model, settings)
-    params = validate_params(body.method, body.params, body.preset)
+    params = validate_params(body.method, body.params, body.preset, base_model)
     counts = image_counts(session=session, dataset=dataset)
     if sum(counts.values()) == 0:
         raise InvalidInput(f"dataset {dataset.id} has no images")

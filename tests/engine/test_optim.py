@@ -360,3 +360,24 @@ def test_mixed_dtypes_in_one_group() -> None:
     for p, dt in zip(ps, (torch.float16, torch.bfloat16, torch.float32), strict=True):
         assert p.dtype == dt and torch.isfinite(p.float()).all()
         assert so.state[p]["m"].dtype == torch.float32 and so.state[p]["step"] == 5
+
+
+def test_fixed_support_is_adam_on_those_entries_and_never_redrawn():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(10, 20))
+    ref = torch.nn.Parameter(w.detach().clone().view(-1)[[3, 50, 51, 199]])
+    so = SO([w], lr=1e-2, density=0.2, refresh_every=1, generator=torch.Generator().manual_seed(1))
+    keep = torch.tensor([199, 3, 51, 50])
+    so.fix_support(w, keep)
+    adam = torch.optim.Adam([ref], lr=1e-2)
+    before = w.detach().clone()
+    for _ in range(4):
+        g = torch.randn(10, 20)
+        w.grad = g.clone()
+        so.step()
+        ref.grad = g.view(-1)[[3, 50, 51, 199]].clone()
+        adam.step()
+        assert so.support(w).tolist() == [3, 50, 51, 199]  # refresh_every=1, still the same support
+    changed = (w.detach() != before).view(-1).nonzero().view(-1).tolist()
+    assert changed == [3, 50, 51, 199]
+    torch.testing.assert_close(w.detach().view(-1)[[3, 50, 51, 199]], ref.detach(), rtol=1e-6, atol=1e-7)

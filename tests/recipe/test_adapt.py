@@ -15,6 +15,7 @@ import sparseshot
 from sparseshot.recipe import Cancelled, Progress, adapt, hparam_defaults, validate_hparams
 
 adapt_mod = importlib.import_module("sparseshot.recipe")
+train_mod = importlib.import_module("sparseshot.train")  # the training loop (progress throttle)
 
 CLASSES = ["red", "blue"]
 COLOURS = [(230, 20, 20), (20, 20, 230)]
@@ -41,7 +42,7 @@ def _data(per_class: int = 2):
 
 @pytest.fixture(autouse=True)
 def _every_step_progress(monkeypatch):
-    monkeypatch.setattr(adapt_mod, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 0.0)
 
 
 def _text_embeddings(model, base, template="a photo of a {}."):
@@ -120,7 +121,7 @@ def test_progress_reported(base):
 
 
 def test_progress_is_throttled(base, monkeypatch):
-    monkeypatch.setattr(adapt_mod, "PROGRESS_EVERY_S", 3600.0)
+    monkeypatch.setattr(train_mod, "PROGRESS_EVERY_S", 3600.0)
     images, labels = _data()
     seen: list[Progress] = []
     r = adapt(base, images, labels, CLASSES, method="lora", on_progress=seen.append, **FAST_LORA)

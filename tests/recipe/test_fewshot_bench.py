@@ -15,8 +15,9 @@ TINY = "sparseshot-tiny:random"
 FAST = ["--seeds", "1", "--so-iters", "1", "--lora-iters", "1", "--device", "cpu", "--quiet"]
 
 
-def _check_table(table: dict, tasks: list[str], methods: list[str], shots: list[str]) -> None:
-    assert set(table["average"]) == set(methods)
+def _check_table(table: dict, tasks: list[str], methods: list[str], shots: list[str],
+                 budget_rows: tuple[str, ...] = ()) -> None:
+    assert set(table["average"]) == set(methods) | set(budget_rows)
     for m in methods:
         assert set(table["average"][m]) == set(shots)
         assert all(0.0 <= v <= 100.0 for v in table["average"][m].values())
@@ -26,7 +27,7 @@ def _check_table(table: dict, tasks: list[str], methods: list[str], shots: list[
             for k in shots:
                 cell = table["tasks"][t][m][k]
                 assert set(cell) == {"mean", "std"} and cell["std"] >= 0
-    assert set(table["train_seconds"]) == set(methods)
+    assert set(table["train_seconds"]) == set(methods) | set(budget_rows)
 
 
 def _image(path, colour) -> None:
@@ -102,10 +103,31 @@ def test_offline_quick_mode_json_shape(tmp_path):
                        "--json", str(out), *FAST])
     assert rc == 0
     table = json.loads(out.read_text())
-    _check_table(table, ["shifted_shapes", "digits"], ["zeroshot", "so", "lora"], ["1", "4"])
+    _check_table(table, ["shifted_shapes", "digits"], ["zeroshot", "so", "lora"], ["1", "4"],
+                 budget_rows=("so@0.05", "so@0.01"))
     cfg = table["config"]
     assert cfg["mode"] == "quick" and cfg["methods"]["so"]["density"] == pytest.approx(5e-4 * 36)
     assert cfg["methods"]["lora"]["n_iters"] == 1
+    assert cfg["methods"]["so"]["delta_budget"] == 1.0  # the "so" row is unbudgeted
+    # The quick budget curve: rows so@0.05 and so@0.01 at 4 shots only, each delta within its budget.
+    for label, budget in (("so@0.05", 0.05), ("so@0.01", 0.01)):
+        assert set(table["average"][label]) == {"4"}
+        assert 0 < table["delta"][label]["4"]["density"] <= budget
+        assert "1" not in table["tasks"]["digits"][label]
+    # Stored-delta columns for every method and shot count.
+    for m in ["zeroshot", "so", "lora"]:
+        for k in ["1", "4"]:
+            d = table["delta"][m][k]
+            assert d["bytes"] > 0 and 0.0 <= d["density"] <= 1.0 and d["nnz"] >= 0
+    assert table["delta"]["zeroshot"]["4"]["nnz"] == 0 and table["delta"]["so"]["4"]["nnz"] > 0
+    assert table["delta"]["so"]["4"]["bytes"] > table["delta"]["zeroshot"]["4"]["bytes"]
+    curve = table["budget_curve"]["so"]
+    assert set(curve["budgets"]) == {"1", "0.05", "0.01"} and curve["shots"] == "4"
+    assert curve["budgets"]["1"]["4"]["average"] == table["average"]["so"]["4"]
+    assert curve["default"] in (1.0, 0.05, 0.01)
+    ok = [float(b) for b, row in curve["budgets"].items()
+          if row["4"]["average"] >= curve["budgets"]["1"]["4"]["average"] - 1.0]
+    assert curve["default"] == min(ok)
 
 
 def test_synthetic_world_is_deterministic():

@@ -38,6 +38,9 @@ def test_job_params_are_validated(api, enqueued: list[str]) -> None:
     api.problem(api.job(ds["id"], method="bogus"), 422)
     api.problem(api.job(ds["id"], params=[1, 2]), 422)
     api.problem(api.job(ds["id"], base_model="/etc/passwd:random"), 422)
+    body = api.problem(api.job(ds["id"], params={"positions": [99]}), 422)  # the tiny base has 2 blocks
+    assert "out of range" in body["detail"]
+    api.problem(api.job(ds["id"], params={"delta_budget": 0}), 422)
     assert enqueued == []
 
 

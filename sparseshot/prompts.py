@@ -1,0 +1,112 @@
+"""Prompt templates, class names and class text embeddings (the one owner for recipe and classifier).
+
+One formatting rule: a template holds the two characters ``{}`` exactly once, and a prompt is the
+template with that ``{}`` replaced by the class name (`str.replace`, not `str.format`). Every other
+character is literal, braces included: ``"a {{x}} {}"`` gives ``"a {{x}} cat"`` (str.format would
+have given ``"a {x} cat"``), and no escaping is ever needed.
+
+Class names and templates are printable text: control characters (tabs, newlines, NUL, ...),
+line/paragraph separators and lone surrogates are refused by `check_class_name` /
+`check_template`, which the service reuses for its own input checks.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "MAX_CLASS_NAME_CHARS",
+    "MAX_TEMPLATE_CHARS",
+    "check_class_name",
+    "check_template",
+    "class_text_embeddings",
+    "embed_tokens",
+    "format_prompts",
+    "text_features",
+]
+
+DEFAULT_TEMPLATE = "a photo of a {}."
+PLACEHOLDER = "{}"
+MAX_CLASS_NAME_CHARS = 200
+MAX_TEMPLATE_CHARS = 300
+# Unicode categories refused in names and templates: controls, line/paragraph separators, surrogates.
+_REFUSED_CATEGORIES = {"Cc", "Zl", "Zp", "Cs"}
+
+
+def _bad_char(text: str) -> str | None:
+    """The first refused character of `text`, or None."""
+    for ch in text:
+        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
+            return ch
+    return None
+
+
+def check_class_name(name: Any) -> str:
+    """`name` if it is a usable class name, else ValueError: a non-blank string of at most
+    MAX_CLASS_NAME_CHARS characters without control characters."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"class names must be non-empty strings, got {name!r}")
+    if len(name) > MAX_CLASS_NAME_CHARS:
+        raise ValueError(f"class name of {len(name)} characters, over the limit of {MAX_CLASS_NAME_CHARS}")
+    bad = _bad_char(name)
+    if bad is not None:
+        raise ValueError(f"class name {name!r} contains the control character {bad!r}")
+    return name
+
+
+def check_template(template: Any) -> str:
+    """`template` if it is a usable prompt template (exactly one "{}", printable), else ValueError."""
+    if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
+        raise ValueError(f"template must be a string with exactly one '{{}}' for the class name, "
+                         f"got {template!r}")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise ValueError(f"template of {len(template)} characters, over the limit of {MAX_TEMPLATE_CHARS}")
+    bad = _bad_char(template)
+    if bad is not None:
+        raise ValueError(f"template {template!r} contains the control character {bad!r}")
+    return template
+
+
+def format_prompts(classes: Sequence[str], template: str) -> list[str]:
+    """One prompt per class: the template's single "{}" replaced by the class name (module rule)."""
+    check_template(template)
+    return [template.replace(PLACEHOLDER, c) for c in classes]
+
+
+def text_features(model: Any, tokens: Tensor) -> Tensor:
+    """tokens (C, ctx) -> (C, D) L2-normalised text features, fp32 (gradients as the caller's mode)."""
+    return F.normalize(model.encode_text(tokens).float(), dim=-1)
+
+
+@torch.no_grad()
+def embed_tokens(model: Any, tokens: Tensor, batch_size: int = 256) -> Tensor:
+    """(C, D) fp32 L2-normalised embeddings of tokenised prompts, in chunks of `batch_size`."""
+    return torch.cat([text_features(model, tokens[i:i + batch_size])
+                      for i in range(0, len(tokens), batch_size)])
+
+
+def class_text_embeddings(
+    model: nn.Module,
+    tokenizer: Any,
+    classes: Sequence[str],
+    template: str = DEFAULT_TEMPLATE,
+    device: torch.device | str | None = None,
+    batch_size: int = 256,
+) -> Tensor:
+    """(C, D) fp32 L2-normalised text embeddings of the class prompts, on `device` (default: the model's).
+
+    Runs without gradients; training computes `text_features` of its tokens with gradients instead.
+    """
+    if not classes:
+        raise ValueError("at least one class is needed")
+    if device is None:
+        device = next(model.parameters()).device
+    tokens = tokenizer(format_prompts(classes, template)).to(device)  # (C, context_length)
+    return embed_tokens(model, tokens, batch_size)
