@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from app.jobs.status import JobStatus
 
 MAX_NAME_CHARS = 200
+MAX_TEMPLATE_CHARS = 300  # = sparseshot.prompts.MAX_TEMPLATE_CHARS (a test checks; importing it loads torch)
 # A name: no control characters (C0, DEL, C1; NUL cannot even be stored by PostgreSQL) and at
 # least one character that is not whitespace. The same rule is in the OpenAPI schema (`pattern`),
 # and the length limit applies to the text as sent; it is then stripped and NFC-normalised.
@@ -192,7 +193,7 @@ class ZeroshotCreate(RequestBody):
     classes: ClassList
     base_model: str | None = None
     template: str | None = Field(
-        default=None, max_length=500, pattern=TEMPLATE_PATTERN,
+        default=None, max_length=MAX_TEMPLATE_CHARS, pattern=TEMPLATE_PATTERN,
         description="Prompt with one '{}' for the class name."
     )
     name: ModelName | None = None

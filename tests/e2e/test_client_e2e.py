@@ -70,7 +70,8 @@ def test_client_train_history_events_and_delta(server, tmp_path: Path) -> None:
         root = sample_data.generate(tmp_path / "s", per_class=6, queries=1)
         ds = c.create_dataset("shapes", list(sample_data.CLASSES))
         assert len(c.upload(ds, root / "train")["added"]) == 18
-        job = c.train(ds, preset="quick", params={"n_iters": 4, "batch_size": 6})
+        # Long enough (a few seconds) for several progress reports: the library reports every 0.5 s.
+        job = c.train(ds, preset="quick", params={"n_iters": 40, "batch_size": 6})
         assert job.data["estimated_seconds"] > 0  # tiny base, SO, CPU: a measured figure
         events = list(c.events(job))
         assert events[-1][0] == "end" and events[-1][1]["status"] == "succeeded", events[-1]
@@ -79,7 +80,8 @@ def test_client_train_history_events_and_delta(server, tmp_path: Path) -> None:
         assert set(job.data["versions"]) >= {"torch", "open_clip", "sparseshot", "python"}
         points = c.history(job)
         steps = [p["step"] for p in points]
-        assert steps == sorted(steps) and steps[-1] == 24 and len(steps) >= 2, points
+        assert steps == sorted(steps) and steps[-1] == job.data["progress"]["step"] >= 240, points
+        assert len(steps) >= 2, points
         assert all(p["loss"] is not None and p["lr"] is not None and p["elapsed_s"] >= 0 for p in points)
         assert points[0]["lr"] > points[-1]["lr"]  # cosine schedule
         delta = c.download_delta(job.model_id, tmp_path)

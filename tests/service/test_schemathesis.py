@@ -2,7 +2,7 @@
 examples per operation (`bash scripts/schemathesis.sh` is the full run).
 
 The one kind of failure allowed: a schema-valid request refused for what a schema cannot say -
-uploaded *content* that is not an image or a zip (the two upload operations), and a `label`
+uploaded *content* that is not an image, a zip or a delta file (upload, classify and import), and a `label`
 filter that is not one of that dataset's classes (the image listing). Anything else (a 5xx, an
 undocumented status or content type, a schema-valid JSON body refused, a wrong Allow header...)
 fails this test.
@@ -19,7 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 CONTENT_OPERATIONS = {"POST /v1/datasets/{dataset_id}/images", "POST /v1/models/{model_id}/classify",
-                      "GET /v1/datasets/{dataset_id}/images"}
+                      "POST /v1/models/import", "GET /v1/datasets/{dataset_id}/images"}
 
 
 @pytest.mark.slow

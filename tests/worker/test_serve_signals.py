@@ -69,6 +69,7 @@ def _start_training(port: int, env: dict[str, str]) -> None:
 def test_stopping_serve_stops_the_embedded_worker(tmp_path, sig) -> None:
     env = {**os.environ, "SPARSESHOT_DATA_DIR": str(tmp_path), "SPARSESHOT_BROKER_URL": "",
            "SPARSESHOT_BASE_MODEL": "sparseshot-tiny:random", "SPARSESHOT_DATABASE_URL": "",
+           "SPARSESHOT_MAX_STEPS_PER_JOB": "1000000000",  # a training that runs until stopped
            "PYTHONPATH": os.getcwd()}
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env)
