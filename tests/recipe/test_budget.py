@@ -7,13 +7,11 @@ import hashlib
 
 import pytest
 import torch
-from PIL import Image
 
 import sparseshot
 from sparseshot.recipe import Cancelled, adapt, adapt_budgets, trainable_weights
+from tests.recipe.test_adapt import CLASSES, _data
 
-CLASSES = ["red", "blue"]
-COLOURS = [(230, 20, 20), (20, 20, 230)]
 FAST_SO = {"density": 0.05, "lr": 1e-2, "n_iters": 3, "batch_size": 4, "early_stop_loss": 0.0}
 
 
@@ -29,16 +27,6 @@ def _every_step_progress(monkeypatch):
     monkeypatch.setattr(sparseshot.train, "PROGRESS_EVERY_S", 0.0)
 
 
-def _data(per_class: int = 4):
-    images, labels = [], []
-    for i in range(per_class * len(CLASSES)):
-        y = i % len(CLASSES)
-        shade = tuple(max(0, min(255, c + 5 * (i // 2))) for c in COLOURS[y])
-        images.append(Image.new("RGB", (40, 40), shade))
-        labels.append(y)
-    return images, labels
-
-
 def _digest(result) -> str:
     h = hashlib.sha256()
     for e in sorted(result.delta.entries, key=lambda e: e.name):
@@ -52,7 +40,7 @@ def _digest(result) -> str:
 @pytest.fixture(scope="module")
 def runs(base):
     """The unbudgeted run and budgeted runs, each trained separately (seed 5)."""
-    images, labels = _data()
+    images, labels = _data(per_class=4)
     return {b: adapt(base, images, labels, CLASSES, "so", seed=5, delta_budget=b, **FAST_SO)
             for b in (1.0, 0.05, 0.01, 0.002)}
 
@@ -86,7 +74,7 @@ def test_kept_entries_are_the_largest_changes_and_the_rest_is_the_base(base, run
 
 
 def test_shared_main_phase_equals_separate_runs(base, runs):
-    images, labels = _data()
+    images, labels = _data(per_class=4)
     shared = adapt_budgets(base, images, labels, CLASSES, [1.0, 0.01, 0.05], seed=5, **FAST_SO)
     assert list(shared) == [1.0, 0.01, 0.05]
     for b, r in shared.items():
@@ -103,7 +91,7 @@ def test_budget_keeps_accuracy_on_a_learnable_task(base, runs):
 
 
 def test_resume_in_the_refine_phase_matches_uninterrupted(base, runs, tmp_path):
-    images, labels = _data()
+    images, labels = _data(per_class=4)
     ckpt = tmp_path / "run.ckpt"
     calls = {"n": 0}
 
@@ -124,13 +112,13 @@ def test_resume_in_the_refine_phase_matches_uninterrupted(base, runs, tmp_path):
 
 
 def test_budget_never_grows_a_delta_that_already_fits(base, runs):
-    images, labels = _data()
+    images, labels = _data(per_class=4)
     r = adapt(base, images, labels, CLASSES, "so", seed=5, delta_budget=0.9, **FAST_SO)
     assert r.metrics["refine_steps"] == 0 and _digest(r) == _digest(runs[1.0])
 
 
 def test_progress_counts_the_refine_steps(base):
-    images, labels = _data()
+    images, labels = _data(per_class=4)
     seen = []
     adapt(base, images, labels, CLASSES, "so", seed=5, delta_budget=0.01, on_progress=seen.append,
           **{**FAST_SO, "n_iters": 1})
