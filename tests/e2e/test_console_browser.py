@@ -67,11 +67,13 @@ class Page:
     """Waits and screenshots over one driver."""
 
     def __init__(self, driver: Any, base: str) -> None:
+        from selenium.common.exceptions import StaleElementReferenceException
         from selenium.webdriver.common.by import By
         from selenium.webdriver.support.ui import WebDriverWait
 
         self.d, self.base, self.By = driver, base, By
-        self._wait = lambda t: WebDriverWait(driver, t)
+        # A page re-render can detach an element between finding it and reading it: poll again.
+        self._wait = lambda t: WebDriverWait(driver, t, ignored_exceptions=[StaleElementReferenceException])
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     def css(self, sel: str) -> Any:
