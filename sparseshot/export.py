@@ -250,7 +250,8 @@ def onnx_export(base: BaseModel, delta: SparseDelta, path: str | os.PathLike[str
     delta.check(base.model, fingerprint=base.fingerprint)
     classes = _classes(delta)
     scale = _logit_scale(base)
-    visual_bytes = 4 * sum(p.numel() for p in base.model.visual.parameters())  # type: ignore[union-attr]
+    visual: nn.Module = base.model.visual  # type: ignore[assignment]
+    visual_bytes = 4 * sum(p.numel() for p in visual.parameters())
     if visual_bytes > ONNX_MAX_WEIGHT_BYTES:
         raise ExportError(f"the vision tower of {base.spec!r} has {visual_bytes / 1e9:.1f} GB of fp32 "
                           f"weights, over the 2 GB an ONNX file can hold")
