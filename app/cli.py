@@ -199,11 +199,16 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+def _table_lines(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
+    """Rows as left-aligned columns under `header` (None shown as "-")."""
     cells = [list(map(str, header))] + [[("-" if v is None else str(v)) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    for line in _table_lines(rows, header):
+        print(line)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -294,16 +299,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "show":
         _print_json(c.get_model(args.model))
     elif args.models_cmd == "evaluate":
-        try:
-            _print_json(c.evaluate(args.model, args.dataset))
-        except NotImplementedError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        ev = c.evaluate(args.model, args.dataset)
+        if args.json:
+            _print_json(ev)
+        else:
+            print(evaluation_report(ev))
     else:
         path = c.download_delta(args.model, args.output)
         print(f"saved the delta of model {args.model} to {path}")
         print(path)
     return 0
+
+
+def evaluation_report(ev: dict[str, Any]) -> str:
+    """An evaluation as text: accuracy, a per-class table, the confusion matrix, exclusions."""
+    classes = ev["classes"]
+    lines = [f"evaluation {ev['id']} of model {ev['model_id']} on dataset {ev['dataset_id']}",
+             f"accuracy {ev['accuracy']:.3f} on {ev['n_images']} image(s)", ""]
+    rows = [(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"],
+             "-" if ev["suggested_thresholds"].get(c) is None else f"{ev['suggested_thresholds'][c]:.3f}")
+            for c, m in ev["per_class"].items()]
+    lines += _table_lines(rows, ["CLASS", "PRECISION", "RECALL", "F1", "SUPPORT", "THRESHOLD"])
+    lines += ["", "confusion matrix (rows: true, columns: predicted):"]
+    lines += _table_lines([(c, *row) for c, row in zip(classes, ev["confusion_matrix"], strict=True)],
+                          ["", *classes])
+    if ev["excluded_images"]:
+        parts = ", ".join(f"{label} ({n})" for label, n in ev["excluded_labels"].items())
+        lines += ["", f"{ev['excluded_images']} image(s) not evaluated, labels not among the model's "
+                      f"classes: {parts}"]
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -417,9 +441,10 @@ def _add_client_commands(sub: Any) -> None:
     me = ms.add_parser("export", parents=[conn], help="download the model's sparse delta (safetensors)")
     me.add_argument("model")
     me.add_argument("-o", "--output", default=None, help="file or folder (default ./<id>.safetensors)")
-    mev = ms.add_parser("evaluate", parents=[conn], help="evaluate on a labelled dataset (if served)")
+    mev = ms.add_parser("evaluate", parents=[conn], help="evaluate on a labelled dataset; print a report")
     mev.add_argument("model")
     mev.add_argument("dataset")
+    mev.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     mo.set_defaults(func=_guarded(cmd_models))
 
     de = sub.add_parser("demo", parents=[conn], help="the whole flow on a generated sample dataset")
