@@ -180,6 +180,8 @@ class Job(Base):
     base_model: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     preset: Mapped[str | None] = mapped_column(String(32), default=None)
+    # The validation split (sparseshot.validation), None for none.
+    validation: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     # steps x measured step time for the base, method and device, at creation (None: unmeasured).
     estimated_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     # Where the latest attempt trained: device string and library versions (written by the worker).

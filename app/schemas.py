@@ -137,6 +137,14 @@ class JobCreate(RequestBody):
         "`params` override its values.",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    validation: dict[str, Any] | None = Field(
+        default=None,
+        description='Hold images out of training to measure validation accuracy: `{"holdout": 0.2}` '
+        '(a fraction of each class, at least one image) or `{"holdout_per_class": 1}`. A class always '
+        "keeps 2 training images (smaller classes hold none out); the job reports `val_accuracy` in "
+        "its history and the model's metrics.",
+        examples=[{"holdout": 0.2}],
+    )
 
 
 class JobProgress(BaseModel):
@@ -154,6 +162,7 @@ class JobPublic(BaseModel):
     base_model: str
     params: dict[str, Any]
     preset: str | None = None
+    validation: dict[str, Any] | None = Field(default=None, description="The validation split asked for.")
     estimated_seconds: float | None = Field(
         default=None,
         description="Planned steps x the measured step time of this base and method on the worker's "

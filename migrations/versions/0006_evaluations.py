@@ -1,4 +1,4 @@
-"""Stored evaluations of models on labelled datasets.
+"""Stored evaluations of models on labelled datasets; a job's validation split option.
 
 Revision ID: 0006
 Revises: 0005
@@ -17,6 +17,8 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('validation', sa.JSON(), nullable=True))
     op.create_table('evaluations',
     sa.Column('id', sa.String(length=36), nullable=False),
     sa.Column('tenant_id', sa.String(length=36), nullable=False),
@@ -46,3 +48,5 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_evaluations_model_id'))
         batch_op.drop_index(batch_op.f('ix_evaluations_dataset_id'))
     op.drop_table('evaluations')
+    with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('validation')

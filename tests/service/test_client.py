@@ -226,7 +226,8 @@ def test_cli_client_commands(sdk: Client, engine, samples: Path, tmp_path: Path,
     assert row.split()[-5:-1] == ["0.333", "1.000", "0.500", "5"]
     assert cli.main(["models", "evaluate", model["id"], ds_id, "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
-    assert ev["per_class"][first]["recall"] == 1.0 and ev["per_class"][first]["precision"] == pytest.approx(1 / 3)
+    assert ev["per_class"][first]["recall"] == 1.0
+    assert ev["per_class"][first]["precision"] == pytest.approx(1 / 3)
     assert cli.main(["datasets", "show", "00000000-0000-0000-0000-000000000000"]) == 1
     assert "404" in capsys.readouterr().err
 

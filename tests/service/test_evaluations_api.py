@@ -13,8 +13,11 @@ import pytest
 import app.services.inference as inference
 from app.core.config import Settings
 from sparseshot.delta import SparseDelta
-from tests.service.test_models_api import _classify, _zeroshot
-from tests.service.test_models_api import fake_inference  # noqa: F401 - fixture
+from tests.service.test_models_api import (
+    _classify,
+    _zeroshot,
+    fake_inference,  # noqa: F401 - fixture
+)
 
 CLASSES = ("cat", "dog", "bird")
 # (label, colour): the stand-in's top-1 in the comment
