@@ -250,8 +250,9 @@ def _wait(job: Any, timeout: float | None) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     c = _client(args)
     params = json.loads(args.params) if args.params else {}
+    validation = {"holdout": args.holdout} if args.holdout is not None else None
     job = c.train(args.dataset, method=args.method, preset=args.preset, params=params,
-                  base_model=args.base_model)
+                  base_model=args.base_model, validation=validation)
     est = job.data.get("estimated_seconds")
     print(f"job {job.id} {job.status} (preset {job.data.get('preset')}, "
           f"estimated {'unknown' if est is None else f'{est:.0f} s'})", file=sys.stderr)
@@ -411,6 +412,8 @@ def _add_client_commands(sub: Any) -> None:
     t.add_argument("--preset", default="standard", choices=["quick", "standard", "thorough"])
     t.add_argument("--params", default=None, help='JSON hyperparameters over the preset: \'{"lr": 1e-3}\'')
     t.add_argument("--base-model", default=None)
+    t.add_argument("--holdout", type=float, default=None,
+                   help="fraction of each class held out for validation accuracy (classes keep 2)")
     t.add_argument("--wait", action="store_true", help="wait with a progress bar; the model id last")
     t.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
     t.set_defaults(func=_guarded(cmd_train))

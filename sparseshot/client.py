@@ -281,8 +281,12 @@ class Client:
     # ---- jobs
 
     def train(self, dataset: Resource, method: str = "so", preset: str | None = None,
-              params: Mapping[str, Any] | None = None, base_model: str | None = None) -> Job:
+              params: Mapping[str, Any] | None = None, base_model: str | None = None,
+              validation: Mapping[str, Any] | None = None) -> Job:
+        """Start a job; `validation` holds images out, e.g. {"holdout": 0.2} (see the API docs)."""
         body: dict[str, Any] = {"dataset_id": _id(dataset), "method": method, "params": dict(params or {})}
+        if validation is not None:
+            body["validation"] = dict(validation)
         if preset is not None:
             body["preset"] = preset
         if base_model is not None:
