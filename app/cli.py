@@ -282,13 +282,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from sparseshot.client import expand_images
 
     c = _client(args)
-    preds = c.classify(args.model, expand_images(args.images), top_k=args.top_k)
+    threshold = json.loads(args.threshold) if args.threshold else None  # a number or {class: number}
+    preds = c.classify(args.model, expand_images(args.images), top_k=args.top_k, threshold=threshold)
     if args.json:
         _print_json(preds)
         return 0
     for p in preds:
         labels = "  ".join(f"{lab['label']} {lab['score']:.3f}" for lab in p["labels"])
-        print(f"{p['filename']}: {labels}")
+        print(f"{p['filename']}: {labels or 'unknown'}")
     return 0
 
 
@@ -433,6 +434,8 @@ def _add_client_commands(sub: Any) -> None:
     c.add_argument("model")
     c.add_argument("images", nargs="+", help="image files or folders")
     c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--threshold", default=None,
+                   help='drop labels under it: a probability (0.5) or JSON {"class": 0.7, ...}')
     c.add_argument("--json", action="store_true", help="print the predictions as JSON")
     c.set_defaults(func=_guarded(cmd_classify))
 

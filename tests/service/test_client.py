@@ -215,6 +215,8 @@ def test_cli_client_commands(sdk: Client, engine, samples: Path, tmp_path: Path,
 
     assert cli.main(["classify", model["id"], str(samples / "query"), "--top-k", "2"]) == 0
     assert "red_circle_q0.png: red circle" in capsys.readouterr().out
+    assert cli.main(["classify", model["id"], str(samples / "query"), "--threshold", "0.9"]) == 0
+    assert "red_circle_q0.png: unknown" in capsys.readouterr().out  # the stand-in's best is 0.6
     assert cli.main(["models", "list"]) == 0 and model["id"] in capsys.readouterr().out
     assert cli.main(["models", "export", model["id"], "-o", str(tmp_path / "m.safetensors")]) == 0
     assert (tmp_path / "m.safetensors").exists()
