@@ -318,9 +318,9 @@ def evaluation_report(ev: dict[str, Any]) -> str:
     classes = ev["classes"]
     lines = [f"evaluation {ev['id']} of model {ev['model_id']} on dataset {ev['dataset_id']}",
              f"accuracy {ev['accuracy']:.3f} on {ev['n_images']} image(s)", ""]
-    rows = [(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", m["support"],
-             "-" if ev["suggested_thresholds"].get(c) is None else f"{ev['suggested_thresholds'][c]:.3f}")
-            for c, m in ev["per_class"].items()]
+    pc, th = ev["per_class"], ev["suggested_thresholds"]
+    rows = [(c, f"{pc[c]['precision']:.3f}", f"{pc[c]['recall']:.3f}", f"{pc[c]['f1']:.3f}", pc[c]["support"],
+             "-" if th.get(c) is None else f"{th[c]:.3f}") for c in classes]
     lines += _table_lines(rows, ["CLASS", "PRECISION", "RECALL", "F1", "SUPPORT", "THRESHOLD"])
     lines += ["", "confusion matrix (rows: true, columns: predicted):"]
     lines += _table_lines([(c, *row) for c, row in zip(classes, ev["confusion_matrix"], strict=True)],
