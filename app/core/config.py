@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_classes: int = Field(default=1000, gt=0)
     max_class_name_chars: int = Field(default=200, gt=0)
     max_top_k: int = Field(default=100, gt=0)
+    # Labelled images one evaluation classifies (it runs inside the request; over it: 413).
+    max_evaluation_images: int = Field(default=500, gt=0)
     # Decoded images are reduced to this shorter side before they are held (>= the base's input size).
     image_decode_side: int = Field(default=448, ge=32)
     # Request bodies, refused (413) from Content-Length or cut off while streaming, before parsing.
