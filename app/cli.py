@@ -2,7 +2,7 @@
 `sparseshot.client`: datasets, train, jobs, classify, models, demo.
 
 This is where the processes are assembled, so it is the one module of `app/` that imports
-`worker/` (the Celery-backed queue, the worker): tests/engine/test_layers.py allows it here only.
+`worker/` (the Celery-backed queue, the worker): tests/sparseshot/test_layers.py allows it here only.
 Imports are inside the commands so that `--help` stays fast.
 """
 

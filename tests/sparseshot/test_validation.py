@@ -9,7 +9,7 @@ import torch
 
 from sparseshot import validation
 from sparseshot.recipe import Progress, adapt
-from tests.recipe.test_adapt import CLASSES, FAST_SO, _data, _entries, base, train_mod  # noqa: F401
+from tests.sparseshot.test_adapt import CLASSES, FAST_SO, _data, _entries, base, train_mod  # noqa: F401
 
 
 @pytest.fixture(autouse=True)

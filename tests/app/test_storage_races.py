@@ -60,7 +60,7 @@ def _run(target: Any, name: str) -> tuple[threading.Thread, dict[str, Any]]:
 def test_delete_during_another_tenants_upload_of_the_same_images_loses_nothing(
     api, make_key, settings: Settings, monkeypatch
 ) -> None:
-    from tests.service.conftest import Api
+    from tests.app.conftest import Api
 
     tenant_b = Api(api.client, make_key("b"))
     blobs = _images(3)
@@ -141,7 +141,7 @@ def test_delete_model_keeps_a_delta_that_a_pending_zeroshot_pinned(
     import app.services.inference as inference
     import app.services.models as models
     from sparseshot.delta import SparseDelta
-    from tests.service.conftest import Api
+    from tests.app.conftest import Api
 
     class SmallDelta(SparseDelta):
         def to_bytes(self) -> bytes:  # the same bytes for the same classes (a shared file)

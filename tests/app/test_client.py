@@ -33,7 +33,7 @@ from sparseshot.client import (
 from sparseshot.client import (
     Job as ClientJob,
 )
-from tests.service.test_models_api import fake_inference  # noqa: F401 - fixture
+from tests.app.test_models_api import fake_inference  # noqa: F401 - fixture
 
 
 @pytest.fixture

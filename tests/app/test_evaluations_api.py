@@ -13,7 +13,7 @@ import pytest
 import app.services.inference as inference
 from app.core.config import Settings
 from sparseshot.delta import SparseDelta
-from tests.service.test_models_api import (
+from tests.app.test_models_api import (
     _classify,
     _zeroshot,
     fake_inference,  # noqa: F401 - fixture

@@ -10,7 +10,7 @@ import torch
 
 import sparseshot
 from sparseshot.recipe import Cancelled, adapt, adapt_budgets, trainable_weights
-from tests.recipe.test_adapt import CLASSES, _data
+from tests.sparseshot.test_adapt import CLASSES, _data
 
 FAST_SO = {"density": 0.05, "lr": 1e-2, "n_iters": 3, "batch_size": 4, "early_stop_loss": 0.0}
 

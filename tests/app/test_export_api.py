@@ -21,7 +21,7 @@ from app.services import bases, exports, inference
 from app.storage import LocalStorage
 from sparseshot.client import Client, NotFound
 from sparseshot.export import EXPORT_VERSION, checkpoint_classifier, onnx_classes
-from tests.engine.test_export import CLASSES, images, prototype_delta
+from tests.sparseshot.test_export import CLASSES, images, prototype_delta
 
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the export itself: one backend
 
