@@ -11,15 +11,12 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.status import JobStatus
+from sparseshot.text_rules import MAX_CLASS_NAME_CHARS, MAX_TEMPLATE_CHARS, NAME_PATTERN, TEMPLATE_PATTERN
 
-MAX_NAME_CHARS = 200
-MAX_TEMPLATE_CHARS = 300  # = sparseshot.prompts.MAX_TEMPLATE_CHARS (a test checks; importing it loads torch)
-# A name: no control characters (C0, DEL, C1; NUL cannot even be stored by PostgreSQL) and at
-# least one character that is not whitespace. The same rule is in the OpenAPI schema (`pattern`),
-# and the length limit applies to the text as sent; it is then stripped and NFC-normalised.
-NAME_PATTERN = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
-# A prompt template: exactly one "{}" (where the class name goes), no other braces, no controls.
-TEMPLATE_PATTERN = r"^[^{}\x00-\x1f\x7f-\x9f]*\{\}[^{}\x00-\x1f\x7f-\x9f]*$"
+# Names (datasets, models, classes) and templates follow `sparseshot.text_rules`, the one owner of
+# what may reach a prompt. The same rule is in the OpenAPI schema (`pattern`), and the length limit
+# applies to the text as sent; it is then stripped and NFC-normalised.
+MAX_NAME_CHARS = MAX_CLASS_NAME_CHARS
 
 
 def clean_name(value: str) -> str:

@@ -7,18 +7,27 @@ have given ``"a {x} cat"``), and no escaping is ever needed.
 
 Class names and templates are printable text: control characters (tabs, newlines, NUL, ...),
 line/paragraph separators and lone surrogates are refused by `check_class_name` /
-`check_template`, which the service reuses for its own input checks.
+`check_template` (defined in the torch-free `sparseshot.text_rules`, whose patterns and limits the
+service's request schemas use).
 """
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from sparseshot.text_rules import (
+    DEFAULT_TEMPLATE,
+    MAX_CLASS_NAME_CHARS,
+    MAX_TEMPLATE_CHARS,
+    PLACEHOLDER,
+    check_class_name,
+    check_template,
+)
 
 __all__ = [
     "DEFAULT_TEMPLATE",
@@ -31,48 +40,6 @@ __all__ = [
     "format_prompts",
     "text_features",
 ]
-
-DEFAULT_TEMPLATE = "a photo of a {}."
-PLACEHOLDER = "{}"
-MAX_CLASS_NAME_CHARS = 200
-MAX_TEMPLATE_CHARS = 300
-# Unicode categories refused in names and templates: controls, line/paragraph separators, surrogates.
-_REFUSED_CATEGORIES = {"Cc", "Zl", "Zp", "Cs"}
-
-
-def _bad_char(text: str) -> str | None:
-    """The first refused character of `text`, or None."""
-    for ch in text:
-        if unicodedata.category(ch) in _REFUSED_CATEGORIES:
-            return ch
-    return None
-
-
-def check_class_name(name: Any) -> str:
-    """`name` if it is a usable class name, else ValueError: a non-blank string of at most
-    MAX_CLASS_NAME_CHARS characters without control characters."""
-    if not isinstance(name, str) or not name.strip():
-        raise ValueError(f"class names must be non-empty strings, got {name!r}")
-    if len(name) > MAX_CLASS_NAME_CHARS:
-        raise ValueError(f"class name of {len(name)} characters, over the limit of {MAX_CLASS_NAME_CHARS}")
-    bad = _bad_char(name)
-    if bad is not None:
-        raise ValueError(f"class name {name!r} contains the control character {bad!r}")
-    return name
-
-
-def check_template(template: Any) -> str:
-    """`template` if it is a usable prompt template (exactly one "{}", printable), else ValueError."""
-    if not isinstance(template, str) or template.count(PLACEHOLDER) != 1:
-        raise ValueError(f"template must be a string with exactly one '{{}}' for the class name, "
-                         f"got {template!r}")
-    if len(template) > MAX_TEMPLATE_CHARS:
-        raise ValueError(f"template of {len(template)} characters, over the limit of {MAX_TEMPLATE_CHARS}")
-    bad = _bad_char(template)
-    if bad is not None:
-        raise ValueError(f"template {template!r} contains the control character {bad!r}")
-    return template
-
 
 def format_prompts(classes: Sequence[str], template: str) -> list[str]:
     """One prompt per class: the template's single "{}" replaced by the class name (module rule)."""

@@ -136,7 +136,7 @@ def test_offset_beyond_any_listing_is_422(api) -> None:
         assert api.client.get(f"{path}?offset={2**31 - 1}", headers=api.headers).json() == []
 
 
-@pytest.mark.parametrize("bad", ["\u001f", "a\x00b", "  ", "\x7f", "cat\n"])
+@pytest.mark.parametrize("bad", ["\u001f", "a\x00b", "  ", "\x7f", "cat\n", "a\u2028b", "\u2029"])
 def test_class_names_with_control_characters_are_422(api, bad: str) -> None:
     for path in ("/v1/datasets", "/v1/models/zeroshot"):
         body: dict[str, Any] = {"classes": [bad, "dog"]}

@@ -138,3 +138,15 @@ def test_recipe_and_classifier_share_the_embeddings(base):
     torch.testing.assert_close(Classifier.encode_texts(base, classes, "a {{x}} {}"), want, rtol=0, atol=0)
     chunked = prompts.class_text_embeddings(base.model, base.tokenizer, classes, batch_size=2)
     torch.testing.assert_close(chunked, prompts.class_text_embeddings(base.model, base.tokenizer, classes))
+
+
+@pytest.mark.parametrize("name", ["a\u2028b", "x\u2029", "\x85tab", "ok\x00"])
+def test_the_api_pattern_refuses_what_the_recipe_refuses(name):
+    import re
+
+    from sparseshot import text_rules
+
+    with pytest.raises(ValueError):
+        text_rules.check_class_name(name)
+    assert re.match(text_rules.NAME_PATTERN, name) is None
+    assert re.match(text_rules.NAME_PATTERN, "caf\u00e9 \u732b") is not None

@@ -279,4 +279,5 @@ def test_to_bytes_is_a_pure_function_of_the_delta(base: nn.Module) -> None:
     again = SparseDelta.from_bytes(first)
     assert again.to_bytes() == first  # a loaded delta writes back the identical file
     header = first[8 : 8 + int.from_bytes(first[:8], "little")]
-    assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode().ljust(len(header))
+    canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    assert header == canonical.ljust(len(header))  # sorted keys, padded with spaces
