@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.jobs.status import JobStatus
+from sparseshot.configs import params_json_schema
 from sparseshot.text_rules import MAX_CLASS_NAME_CHARS, MAX_TEMPLATE_CHARS, NAME_PATTERN, TEMPLATE_PATTERN
 
 # Names (datasets, models, classes) and templates follow `sparseshot.text_rules`, the one owner of
@@ -134,7 +135,13 @@ class JobCreate(RequestBody):
         description="Named hyperparameters (quick / standard = the paper's recipe / thorough); "
         "`params` override its values.",
     )
-    params: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Hyperparameters of `method` over the preset's values (any subset of that method's "
+        "schema below, derived from `sparseshot.configs`); unknown names and out-of-range values: 422.",
+        json_schema_extra={"anyOf": [{"title": f"{m.upper()} params", **params_json_schema(m)}
+                                     for m in ("so", "lora")]},
+    )
     validation: dict[str, Any] | None = Field(
         default=None,
         description='Hold images out of training to measure validation accuracy: `{"holdout": 0.2}` '

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from sparseshot.prompts import DEFAULT_TEMPLATE, check_template
+from sparseshot.text_rules import DEFAULT_TEMPLATE, check_template  # torch-free: the API schemas import this
 
 __all__ = [
     "CONFIGS",
