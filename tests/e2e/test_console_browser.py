@@ -251,6 +251,15 @@ def test_console_whole_flow_in_chromium(tmp_path: Path, procs: list[Proc], brows
         ".then(b => done(b.byteLength));"
     )
     assert size == model["delta"]["bytes"] == len(http.get(f"/v1/models/{model['id']}/delta").content)
+    page.select("#export-format", "onnx")  # the ONNX classifier, built by the server on request
+    page.css("#delta-fetch").click()
+    page.until(lambda: page.all("#export-link-onnx"), 120, "ONNX link")
+    onnx_size = browser.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "fetch(document.getElementById('export-link-onnx').href).then(r => r.arrayBuffer())"
+        ".then(b => done(b.byteLength));"
+    )
+    assert onnx_size == len(http.get(f"/v1/models/{model['id']}/export", params={"format": "onnx"}).content)
     page.shot("04-model-try")
 
     # Evaluate on the training dataset; the page shows what the API stored.

@@ -472,11 +472,22 @@ async function pageModel(view, id) {
     fill(preview, h("img", { src: url, alt: files[0].name }));
     fill(out, ...res.predictions.map(topkBars));
   }, { accept: "image/*", id: "classify-input" });
-  const dl = h("button", { type: "button", id: "delta-fetch" }, "Prepare delta download");
+  // Download: the sparse delta, a merged open_clip checkpoint or an ONNX classifier (the last two
+  // are built by the server on the first request, which can take seconds on a large base).
+  const fmt = h("select", { id: "export-format" },
+    h("option", { value: "delta" }, "sparse delta (.safetensors)"),
+    h("option", { value: "checkpoint" }, "merged open_clip checkpoint (.safetensors)"),
+    h("option", { value: "onnx" }, "ONNX classifier (.onnx)"));
+  const names = { delta: `${id}.safetensors`, checkpoint: `${id}-merged.safetensors`, onnx: `${id}.onnx` };
+  const dl = h("button", { type: "button", id: "delta-fetch" }, "Prepare download");
   const dlBox = h("span", { id: "delta-box" });
   dl.addEventListener("click", guard(async () => {
-    const url = await authedBlobUrl(`/v1/models/${id}/delta`);
-    const a = h("a", { href: url, download: `${id}.safetensors`, id: "delta-link" }, `${id}.safetensors (${m.delta.bytes} bytes)`);
+    const kind = fmt.value;
+    fill(dlBox, " preparing…");
+    const path = kind === "delta" ? `/v1/models/${id}/delta` : `/v1/models/${id}/export?format=${kind}`;
+    const url = await authedBlobUrl(path);
+    const label = kind === "delta" ? `${names[kind]} (${m.delta.bytes} bytes)` : names[kind];
+    const a = h("a", { href: url, download: names[kind], id: kind === "delta" ? "delta-link" : `export-link-${kind}` }, label);
     fill(dlBox, " ", a);
     a.click();
   }));
@@ -487,7 +498,7 @@ async function pageModel(view, id) {
         [["classes", m.classes.join(", ")], ["base model", m.base_model], ["method", m.method],
           ["template", m.template || "—"], ["delta", `${m.delta.nnz} non-zeros, ${m.delta.bytes} bytes, density ${fmtNum(m.delta.density, 3)}`],
           ["created", fmtDate(m.created_at)]].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))),
-        m.job_id ? h("p", {}, h("a", { href: `#/jobs/${m.job_id}` }, "training job")) : "", h("p", {}, dl, dlBox)),
+        m.job_id ? h("p", {}, h("a", { href: `#/jobs/${m.job_id}` }, "training job")) : "", h("p", {}, fmt, " ", dl, dlBox)),
       h("div", { class: "card" }, h("h2", {}, "Training metrics"), metricsTable(m.metrics))),
     h("div", { class: "card" }, h("h2", {}, "Evaluation"), await evaluationSection(m)),
     h("div", { class: "card" }, h("h2", {}, "Try it"), h("p", {}, h("label", {}, "Threshold (labels below it are dropped) ", cut)),
