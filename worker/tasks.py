@@ -23,6 +23,7 @@ from app.models import utcnow
 from app.runtime import Runtime
 from app.services import bases, history
 from app.storage import get_storage
+from app.webhooks.dispatch import start_dispatcher
 from worker import context
 from worker.celery_app import TRAIN_TASK
 from worker.claims import claim_job, wake_waiting, worker_id
@@ -182,5 +183,8 @@ def train_job(job_id: str) -> str:
 
 @signals.worker_ready.connect
 def _start_recovery(**_: Any) -> None:
-    """The worker's main process sweeps for jobs of dead workers (see worker.recovery)."""
-    start_sweeper(context.current())
+    """The worker's main process sweeps for jobs of dead workers (see worker.recovery) and sends
+    due webhooks (app.webhooks.dispatch: never in the pool process that trains)."""
+    runtime = context.current()
+    start_sweeper(runtime)
+    start_dispatcher(runtime)

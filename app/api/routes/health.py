@@ -59,6 +59,10 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     checks = {"database": db_error is None, "broker": _broker_ready(runtime.queue),
               "base_model": _base_ready()}
     reasons = {"database": db_error} if db_error else {}
+    if not checks["base_model"]:
+        from app.services.bases import base_error
+
+        reasons["base_model"] = base_error() or "loading"
     reasons.update({k: "not ready" for k, ok in checks.items() if not ok and k not in reasons})
     ok = all(checks.values())
     body = Readiness(status="ready" if ok else "not ready", checks=checks, reasons=reasons)
