@@ -257,7 +257,7 @@ class WebhookAttempt(BaseModel):
 
 
 class WebhookDeliveryPublic(BaseModel):
-    id: str = Field(description="Also sent as the `X-SparseShot-Delivery` header (receivers de-duplicate on it).")
+    id: str = Field(description="Sent as the `X-SparseShot-Delivery` header (receivers de-duplicate on it).")
     event: str = Field(description="`job.succeeded`, `job.failed` or `job.cancelled`.")
     url: str
     state: Literal["pending", "delivered", "failed"]

@@ -28,6 +28,7 @@ from worker import context
 from worker.celery_app import TRAIN_TASK
 from worker.claims import claim_job, wake_waiting, worker_id
 from worker.examples import JobError, load_examples
+from worker.liveness import start_liveness
 from worker.memory import keep_freed_memory
 from worker.recovery import start_sweeper
 from worker.watcher import Watcher, optional_float, progress_writer
@@ -183,8 +184,10 @@ def train_job(job_id: str) -> str:
 
 @signals.worker_ready.connect
 def _start_recovery(**_: Any) -> None:
-    """The worker's main process sweeps for jobs of dead workers (see worker.recovery) and sends
-    due webhooks (app.webhooks.dispatch: never in the pool process that trains)."""
+    """The worker's main process sweeps for jobs of dead workers (see worker.recovery), sends due
+    webhooks (app.webhooks.dispatch: never in the pool process that trains) and refreshes its
+    liveness file (worker.liveness)."""
     runtime = context.current()
     start_sweeper(runtime)
     start_dispatcher(runtime)
+    start_liveness(runtime)

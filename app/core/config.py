@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, gt=0)
     recovery_interval_s: float = Field(default=30.0, gt=0)
+    # A worker's liveness file for container health checks (worker/liveness.py); None: off.
+    worker_alive_file: Path | None = None
+    worker_alive_interval_s: float = Field(default=15.0, gt=0)
     history_every_steps: int = Field(default=10, gt=0)  # a training-history point every N steps
     events_poll_s: float = Field(default=0.5, gt=0)  # SSE /events: how often the job row is read
     events_heartbeat_s: float = Field(default=15.0, gt=0)  # SSE comment line when nothing changed

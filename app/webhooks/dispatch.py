@@ -79,7 +79,8 @@ def attempt_once(runtime: Runtime, *, delivery_id: str, seen_attempts: int) -> b
     return True
 
 
-def _claim(runtime: Runtime, delivery_id: str, seen: int, now: datetime) -> tuple[str, bytes, str, str] | None:
+def _claim(runtime: Runtime, delivery_id: str, seen: int,
+           now: datetime) -> tuple[str, bytes, str, str] | None:
     # (url, body, secret, event) of the attempt just claimed; the body is fixed on the first one.
     lease = now + timedelta(seconds=2 * runtime.settings.webhook_timeout_s + LEASE_SLACK_S)
     with session_scope(runtime.engine) as s:

@@ -25,8 +25,8 @@ from app.jobs.status import JobStatus
 from app.models import Dataset, Image, Job, Model, Tenant, utcnow
 from app.storage import get_storage
 from app.webhooks import dispatch
-from worker import tasks
 from tests.fakes import Receiver
+from worker import tasks
 from worker.claims import claim_job
 
 
