@@ -281,13 +281,24 @@ class Client:
     # ---- jobs
 
     def train(self, dataset: Resource, method: str = "so", preset: str | None = None,
-              params: Mapping[str, Any] | None = None, base_model: str | None = None) -> Job:
+              params: Mapping[str, Any] | None = None, base_model: str | None = None,
+              webhook_url: str | None = None) -> Job:
         body: dict[str, Any] = {"dataset_id": _id(dataset), "method": method, "params": dict(params or {})}
         if preset is not None:
             body["preset"] = preset
         if base_model is not None:
             body["base_model"] = base_model
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
         return Job(self, self._json("POST", "/v1/jobs", json=body))
+
+    def deliveries(self, job: Resource) -> list[dict[str, Any]]:
+        """The job's webhook deliveries with their attempt log."""
+        return list(self._json("GET", f"/v1/jobs/{_id(job)}/deliveries"))
+
+    def webhook_secret(self, rotate: bool = False) -> str:
+        """The tenant's webhook signing secret; `rotate=True` replaces it first."""
+        return str(self._json("POST" if rotate else "GET", "/v1/webhook-secret")["secret"])
 
     def get_job(self, job: Resource) -> Job:
         return Job(self, self._json("GET", f"/v1/jobs/{_id(job)}"))

@@ -20,10 +20,9 @@ from typing import TYPE_CHECKING
 
 import sparseshot
 from app.core.config import Settings, get_settings
-from sparseshot.base import BaseModelError
 
-if TYPE_CHECKING:
-    from sparseshot.base import BaseModel
+if TYPE_CHECKING:  # sparseshot.base imports torch: only where a base is loaded (not a worker's main process)
+    from sparseshot.base import BaseModel, BaseModelError
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +83,7 @@ def _raise_if_backing_off(spec: str) -> None:
     if failure is not None:
         wait = failure.retry_at - _now()
         if wait > 0:
-            raise BaseModelError(f"{failure.error} (next try in {math.ceil(wait)} s)")
+            raise sparseshot.BaseModelError(f"{failure.error} (next try in {math.ceil(wait)} s)")
 
 
 def _remember(spec: str, e: Exception, settings: Settings) -> BaseModelError:
@@ -98,7 +97,7 @@ def _remember(spec: str, e: Exception, settings: Settings) -> BaseModelError:
                  f"after {delay:g} s): {type(e).__name__}: {e}. {HINT}")
         _failures[spec] = _Failure(error=error, failures=failures, retry_at=_now() + delay)
     log.error("%s", error)
-    return BaseModelError(error)
+    return sparseshot.BaseModelError(error)
 
 
 def warm_up(spec: str | None = None) -> None:
