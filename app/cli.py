@@ -303,8 +303,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        path = c.download_delta(args.model, args.output)
-        print(f"saved the delta of model {args.model} to {path}")
+        path = c.export(args.model, args.format, args.output)
+        print(f"saved the {args.format} export of model {args.model} to {path}", file=sys.stderr)
         print(path)
     return 0
 
@@ -417,9 +417,13 @@ def _add_client_commands(sub: Any) -> None:
     ms.add_parser("list", parents=[conn], help="list models")
     msh = ms.add_parser("show", parents=[conn], help="one model as JSON")
     msh.add_argument("model")
-    me = ms.add_parser("export", parents=[conn], help="download the model's sparse delta (safetensors)")
+    me = ms.add_parser("export", parents=[conn], help="download the model: its sparse delta, a merged "
+                       "open_clip checkpoint or an ONNX classifier")
     me.add_argument("model")
-    me.add_argument("-o", "--output", default=None, help="file or folder (default ./<id>.safetensors)")
+    me.add_argument("--format", choices=["delta", "checkpoint", "onnx"], default="delta",
+                    help="delta: <id>.safetensors (default); checkpoint: <id>-merged.safetensors; "
+                         "onnx: <id>.onnx")
+    me.add_argument("-o", "--output", default=None, help="file or folder (default: ./ with the name above)")
     mev = ms.add_parser("evaluate", parents=[conn], help="evaluate on a labelled dataset (if served)")
     mev.add_argument("model")
     mev.add_argument("dataset")

@@ -50,6 +50,7 @@ ClassList = Annotated[
 ]
 ModelName = Name
 PresetName = Literal["quick", "standard", "thorough"]  # = sparseshot.presets.PRESETS (a test checks)
+ExportFormat = Literal["delta", "checkpoint", "onnx"]  # = app.services.exports.FORMATS (a test checks)
 
 
 def _unique(classes: list[str]) -> list[str]:

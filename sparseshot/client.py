@@ -35,6 +35,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 UPLOAD_BATCH = 16  # files per request; halved when the server answers 413 (its limit is lower)
+# Download names of `Client.export` formats: <model id><suffix> (as the server names them).
+EXPORT_SUFFIXES = {"delta": ".safetensors", "checkpoint": "-merged.safetensors", "onnx": ".onnx"}
 
 Resource = str | Mapping[str, Any] | Any  # an id, a response dict with "id", or an object with .id
 FileLike = str | os.PathLike[str] | tuple[str, bytes]
@@ -367,13 +369,30 @@ class Client:
 
     def download_delta(self, model: Resource, path: str | os.PathLike[str] | None = None) -> Path:
         """Save the model's delta (safetensors); `path` may be a folder. Written atomically."""
+        model_id = _id(model)
+        return self._download(f"/v1/models/{model_id}/delta", path, f"{model_id}.safetensors")
+
+    def export(self, model: Resource, format: str,
+               path: str | os.PathLike[str] | None = None) -> Path:
+        """Save an export of the model; `path` may be a folder (default: the current one). Formats:
+        ``delta`` (<id>.safetensors), ``checkpoint`` (merged open_clip checkpoint,
+        <id>-merged.safetensors; `sparseshot.export.checkpoint_classifier` loads it) and ``onnx``
+        (<id>.onnx: pixels (N,3,S,S) -> probabilities (N,C)). Written atomically."""
+        if format not in EXPORT_SUFFIXES:
+            raise ValueError(f"unknown export format {format!r}; one of {', '.join(EXPORT_SUFFIXES)}")
+        model_id = _id(model)
+        return self._download(f"/v1/models/{model_id}/export", path, model_id + EXPORT_SUFFIXES[format],
+                              params={"format": format}, timeout=max(self.http.timeout.read or 0, 600.0))
+
+    def _download(self, url: str, path: str | os.PathLike[str] | None, default_name: str,
+                  **kw: Any) -> Path:
+        """Stream GET `url` into `path` (a file, a folder, or None: ./default_name) atomically."""
         from sparseshot.io import atomic_write
 
-        model_id = _id(model)
-        target = Path(path) if path is not None else Path(f"{model_id}.safetensors")
+        target = Path(path) if path is not None else Path(default_name)
         if target.is_dir():
-            target = target / f"{model_id}.safetensors"
-        with self.http.stream("GET", f"/v1/models/{model_id}/delta") as r:
+            target = target / default_name
+        with self.http.stream("GET", url, **kw) as r:
             if not r.is_success:
                 r.read()
                 raise_for_problem(r)

@@ -1,15 +1,16 @@
-"""/v1/models: zero-shot creation, import, list, read, delete, delta download, classify."""
+"""/v1/models: zero-shot creation, import, list, read, delete, delta download, export, classify."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile, status
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.responses import problem_responses
-from app.schemas import ClassifyPublic, ModelPublic, ZeroshotCreate
+from app.api.responses import Problem, problem_responses
+from app.schemas import ClassifyPublic, ExportFormat, ModelPublic, ZeroshotCreate
+from app.services import exports
 from app.services import models as svc
 from app.services.datasets import Upload
 
@@ -96,6 +97,41 @@ def download_delta(
     """
     path = svc.delta_path(session=session, storage=storage, tenant=tenant, model_id=model_id)
     return FileResponse(path, media_type="application/octet-stream", filename=f"{model_id}.safetensors")
+
+
+@router.get(
+    "/{model_id}/export",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}},
+              "description": "The export file (`Content-Disposition` names it): `<id>.safetensors` (delta), "
+                             "`<id>-merged.safetensors` (checkpoint) or `<id>.onnx`."},
+        409: {"model": Problem,
+              "description": "The model is not ready, its delta file is missing or unusable, or its base "
+                             "cannot be exported in this format."},
+    },
+)
+def export_model(
+    model_id: str,
+    session: SessionDep,
+    tenant: TenantDep,
+    storage: StorageDep,
+    format: Annotated[ExportFormat, Query(
+        description="`delta`: the sparse delta (as `/delta`); `checkpoint`: the merged open_clip "
+                    "checkpoint (safetensors, model config and classes in its metadata); `onnx`: the "
+                    "adapted vision tower with the class embeddings, pixels (N,3,S,S) to probabilities "
+                    "(N,C), class names in its metadata.",
+        examples=["onnx"],
+    )],
+) -> FileResponse:
+    """Export a model.
+
+    Download the model as a sparse delta, a merged open_clip checkpoint or an ONNX classifier that
+    gives the service's probabilities. Checkpoint and ONNX files are built on the first request
+    (under a second for the tiny base, about 10 s for ViT-B-16 on CPU), then served from storage.
+    """
+    out = exports.export_file(session=session, storage=storage, tenant=tenant, model_id=model_id, fmt=format)
+    return FileResponse(out.path, media_type=out.media_type, filename=out.filename)
 
 
 @router.post("/{model_id}/classify")
