@@ -36,6 +36,9 @@ USER sparseshot
 VOLUME ["/data"]
 EXPOSE 8000
 
+# The API's check. Other commands bring their own: docker-compose.yml gives workers a liveness-file
+# check and disables it for the one-shot migration (`docker run ... sparseshot worker`: pass
+# --no-healthcheck, or --health-cmd with SPARSESHOT_WORKER_ALIVE_FILE set).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD curl -fsS http://127.0.0.1:8000/healthz || exit 1
 

@@ -47,6 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from app.main import create_app
     from app.services import bases
+    from app.webhooks.dispatch import start_dispatcher
     from worker.dispatch import CeleryQueue
     from worker.embedded import EmbeddedWorker
 
@@ -62,6 +63,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         api = create_app(settings, queue=CeleryQueue.for_settings(settings))
+        # Webhooks of jobs this process ends (a queued job cancelled), and any others due.
+        start_dispatcher(api.state.runtime)
         uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
     finally:
         if embedded is not None:

@@ -12,7 +12,7 @@ from fastapi.staticfiles import StaticFiles
 
 from app import __doc__ as app_doc
 from app.api.responses import install_openapi
-from app.api.routes import console, datasets, health, images, jobs, models
+from app.api.routes import console, datasets, health, images, jobs, models, webhooks
 from app.core.config import Settings, get_settings
 from app.errors import install_handlers
 from app.metrics import LATENCY, REQUESTS
@@ -78,7 +78,7 @@ def create_app(settings: Settings | None = None, *, queue: Queue | None = None) 
             REQUESTS.labels(request.method, route, str(status)).inc()
             LATENCY.labels(request.method, route).observe(time.perf_counter() - start)
 
-    for module in (datasets, images, jobs, models, health, console):
+    for module in (datasets, images, jobs, models, webhooks, health, console):
         _summaries_from_docstrings(module.router)
         app.include_router(module.router)
     app.mount(console.STATIC_URL, StaticFiles(directory=console.STATIC_DIR), name="static")

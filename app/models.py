@@ -76,6 +76,8 @@ class Tenant(Base):
     max_steps_per_job: Mapped[int | None] = mapped_column(Integer, default=None)
     max_images_per_dataset: Mapped[int | None] = mapped_column(Integer, default=None)
     max_models: Mapped[int | None] = mapped_column(Integer, default=None)
+    # HMAC-SHA256 key of the tenant's webhook signatures (app/webhooks); made on first use.
+    webhook_secret: Mapped[str | None] = mapped_column(String(80), default=None)
 
 
 class ApiKey(Base):
@@ -187,6 +189,8 @@ class Job(Base):
     # Where the latest attempt trained: device string and library versions (written by the worker).
     device: Mapped[str | None] = mapped_column(String(64), default=None)
     versions: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # Notified (POST) when the job ends; checked by app.webhooks.targets at creation and delivery.
+    webhook_url: Mapped[str | None] = mapped_column(String(2048), default=None)
     # A JobStatus value; written only by app.jobs.lifecycle.
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -222,6 +226,34 @@ class JobHistory(Base):
     val_accuracy: Mapped[float | None] = mapped_column(Float, default=None)
     elapsed_s: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One notification of a job's end to its `webhook_url` (an outbox row, app/webhooks).
+
+    Written by app.jobs.lifecycle in the transaction of the terminal transition, so an event is
+    never lost nor sent for a transition that rolled back; sent by app.webhooks.dispatch.
+    `state`: pending (due at `next_attempt_at`; also the lease of an attempt in flight),
+    delivered, failed (out of attempts). `log`: one entry per attempt
+    (`{attempt, at, status_code, error, duration_s}`).
+    """
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_state_due", "state", "next_attempt_at"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    event: Mapped[str] = mapped_column(String(32))  # job.succeeded | job.failed | job.cancelled
+    url: Mapped[str] = mapped_column(String(2048))
+    state: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # The JSON body, fixed at the first attempt so that every retry sends the same bytes.
+    body: Mapped[str | None] = mapped_column(Text, default=None)
+    log: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    occurred_at: Mapped[datetime] = mapped_column(default=utcnow)  # when the job ended
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ObjectPin(Base):

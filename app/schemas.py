@@ -150,6 +150,12 @@ class JobCreate(RequestBody):
         "its history and the model's metrics.",
         examples=[{"holdout": 0.2}],
     )
+    webhook_url: str | None = Field(
+        default=None, max_length=2048,
+        description="POSTed to (signed JSON) when the job succeeds, fails or is cancelled: http(s) only; "
+        "hosts resolving to private, loopback or link-local addresses are refused unless "
+        "SPARSESHOT_WEBHOOK_ALLOW_PRIVATE=true.",
+    )
 
 
 class JobProgress(BaseModel):
@@ -181,6 +187,7 @@ class JobPublic(BaseModel):
     attempts: int
     model_id: str | None = None
     error: str | None = None
+    webhook_url: str | None = None
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -295,3 +302,26 @@ class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, bool]
     reasons: dict[str, str] = Field(default_factory=dict, description="Why each failing check failed.")
+
+
+class WebhookAttempt(BaseModel):
+    attempt: int
+    at: datetime
+    status_code: int | None = Field(description="The receiver's HTTP status (null: no response).")
+    error: str | None = Field(description="Why the attempt failed (null: a 2xx answer).")
+    duration_s: float
+
+
+class WebhookDeliveryPublic(BaseModel):
+    id: str = Field(description="Sent as the `X-SparseShot-Delivery` header (receivers de-duplicate on it).")
+    event: str = Field(description="`job.succeeded`, `job.failed` or `job.cancelled`.")
+    url: str
+    state: Literal["pending", "delivered", "failed"]
+    attempts: list[WebhookAttempt]
+    next_attempt_at: datetime | None = Field(description="When the next attempt is due (pending only).")
+    created_at: datetime
+    delivered_at: datetime | None = None
+
+
+class WebhookSecretPublic(BaseModel):
+    secret: str = Field(description="HMAC-SHA256 key of `X-SparseShot-Signature` (keep it private).")

@@ -272,6 +272,43 @@ def _cached_tag_file(tag_cfg: Mapping[str, Any], cache_dir: str | None) -> str |
     return None
 
 
+PROBE_TIMEOUT_S = 3.0  # how long the download host may take to accept a connection
+_PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _download_host(tag_cfg: Mapping[str, Any]) -> tuple[str, int] | None:
+    """(host, port) a download of this tag would connect to first; None when unknown."""
+    from urllib.parse import urlsplit
+
+    if tag_cfg.get("hf_hub"):
+        url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    elif tag_cfg.get("url"):
+        url = str(tag_cfg["url"])
+    else:
+        return None
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return None
+    return parts.hostname, parts.port or (80 if parts.scheme == "http" else 443)
+
+
+def _unreachable(tag_cfg: Mapping[str, Any]) -> str | None:
+    """Why the download host cannot be reached (name does not resolve, no route, refused, no answer
+    within PROBE_TIMEOUT_S), or None (reachable, unknown, or behind a proxy that may reach it).
+    Asked before a download so that a machine without internet fails in seconds: the hub client
+    would otherwise retry each file for a minute or more."""
+    import socket
+
+    where = _download_host(tag_cfg)
+    if where is None or any(os.environ.get(v) for v in _PROXY_VARS):
+        return None
+    try:
+        socket.create_connection(where, timeout=PROBE_TIMEOUT_S).close()
+    except OSError as e:
+        return f"{where[0]}:{where[1]} cannot be reached ({type(e).__name__}: {e})"
+    return None
+
+
 def _from_tag(name: str, tag: str, cache_dir: str | None) -> nn.Module:
     tag_cfg = open_clip.get_pretrained_cfg(name, tag)
     # A cached download is used as is (no network round trip); otherwise open_clip downloads it.
@@ -283,6 +320,13 @@ def _from_tag(name: str, tag: str, cache_dir: str | None) -> nn.Module:
             f"weights for {name}:{tag} are not in the local cache (cache_dir={cache_dir!r}, "
             f"source {where}) and offline mode is on (HF_HUB_OFFLINE); download them once online "
             f"or pass a checkpoint path"
+        )
+    down = None if cached is not None else _unreachable(tag_cfg)
+    if down is not None:
+        raise BaseModelError(
+            f"weights for {name}:{tag} are not in the local cache (cache_dir={cache_dir!r}) and the "
+            f"download failed at once: {down}; download them once online (or set HF_HUB_OFFLINE=1 "
+            f"to look only at the cache) or pass a checkpoint path"
         )
     try:
         # OpenAI-trained tags use QuickGELU; build the architecture they were trained with.

@@ -284,8 +284,9 @@ class Client:
 
     def train(self, dataset: Resource, method: str = "so", preset: str | None = None,
               params: Mapping[str, Any] | None = None, base_model: str | None = None,
-              validation: Mapping[str, Any] | None = None) -> Job:
-        """Start a job; `validation` holds images out, e.g. {"holdout": 0.2} (see the API docs)."""
+              validation: Mapping[str, Any] | None = None, webhook_url: str | None = None) -> Job:
+        """Start a job; `validation` holds images out, e.g. {"holdout": 0.2} (see the API docs);
+        `webhook_url` is POSTed to when the job ends."""
         body: dict[str, Any] = {"dataset_id": _id(dataset), "method": method, "params": dict(params or {})}
         if validation is not None:
             body["validation"] = dict(validation)
@@ -293,7 +294,17 @@ class Client:
             body["preset"] = preset
         if base_model is not None:
             body["base_model"] = base_model
+        if webhook_url is not None:
+            body["webhook_url"] = webhook_url
         return Job(self, self._json("POST", "/v1/jobs", json=body))
+
+    def deliveries(self, job: Resource) -> list[dict[str, Any]]:
+        """The job's webhook deliveries with their attempt log."""
+        return list(self._json("GET", f"/v1/jobs/{_id(job)}/deliveries"))
+
+    def webhook_secret(self, rotate: bool = False) -> str:
+        """The tenant's webhook signing secret; `rotate=True` replaces it first."""
+        return str(self._json("POST" if rotate else "GET", "/v1/webhook-secret")["secret"])
 
     def get_job(self, job: Resource) -> Job:
         return Job(self, self._json("GET", f"/v1/jobs/{_id(job)}"))

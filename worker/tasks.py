@@ -23,10 +23,12 @@ from app.models import utcnow
 from app.runtime import Runtime
 from app.services import bases, history
 from app.storage import get_storage
+from app.webhooks.dispatch import start_dispatcher
 from worker import context
 from worker.celery_app import TRAIN_TASK
 from worker.claims import claim_job, wake_waiting, worker_id
 from worker.examples import JobError, load_examples
+from worker.liveness import start_liveness
 from worker.memory import keep_freed_memory
 from worker.recovery import start_sweeper
 from worker.watcher import Watcher, optional_float, progress_writer
@@ -199,5 +201,10 @@ def train_job(job_id: str) -> str:
 
 @signals.worker_ready.connect
 def _start_recovery(**_: Any) -> None:
-    """The worker's main process sweeps for jobs of dead workers (see worker.recovery)."""
-    start_sweeper(context.current())
+    """The worker's main process sweeps for jobs of dead workers (see worker.recovery), sends due
+    webhooks (app.webhooks.dispatch: never in the pool process that trains) and refreshes its
+    liveness file (worker.liveness)."""
+    runtime = context.current()
+    start_sweeper(runtime)
+    start_dispatcher(runtime)
+    start_liveness(runtime)

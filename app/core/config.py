@@ -65,10 +65,20 @@ class Settings(BaseSettings):
     job_heartbeat_timeout_s: float = Field(default=60.0, gt=0)
     job_max_attempts: int = Field(default=3, gt=0)
     recovery_interval_s: float = Field(default=30.0, gt=0)
+    # A worker's liveness file for container health checks (worker/liveness.py); None: off.
+    worker_alive_file: Path | None = None
+    worker_alive_interval_s: float = Field(default=15.0, gt=0)
     history_every_steps: int = Field(default=10, gt=0)  # a training-history point every N steps
     events_poll_s: float = Field(default=0.5, gt=0)  # SSE /events: how often the job row is read
     events_heartbeat_s: float = Field(default=15.0, gt=0)  # SSE comment line when nothing changed
     events_max_s: float = Field(default=3600.0, gt=0)  # an SSE stream closes after this (reconnect)
+    # Webhooks (app/webhooks): a job's `webhook_url` is POSTed to when the job ends.
+    webhook_allow_private: bool = False  # true: private, loopback and link-local targets allowed
+    webhook_timeout_s: float = Field(default=5.0, gt=0)  # connect + response, per attempt
+    webhook_max_attempts: int = Field(default=6, ge=1)
+    webhook_backoff_s: float = Field(default=10.0, ge=0)  # before the 2nd attempt; doubles each time
+    webhook_backoff_max_s: float = Field(default=600.0, ge=0)
+    webhook_poll_s: float = Field(default=1.0, gt=0)  # how often a dispatcher looks for due deliveries
     # Storage: how long a pending reference (upload between file write and row commit) holds a file.
     object_pin_ttl_s: float = Field(default=3600.0, gt=0)
 

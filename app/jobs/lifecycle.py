@@ -15,6 +15,10 @@ Conditions, by who calls:
   (running, same worker, same attempt), so a worker declared dead that comes back writes nothing;
 - the recovery sweep (requeue_stale, fail_stale, cancel_stale, mark_resent): on the attempt count
   and heartbeat it read, so several sweepers, or a worker beating just in time, are safe.
+
+Every transition into a FINISHED status that wins also writes, in the same transaction, the
+webhook outbox row of a job that has a `webhook_url` (`_ended`; sent by app.webhooks.dispatch):
+committed with the status or not at all.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from sqlalchemy import ColumnElement, delete, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app.jobs.status import ACTIVE, FINISHED, JobStatus
-from app.models import Job
+from app.models import Job, WebhookDelivery
 from app.quotas import lock_tenant
 
 __all__ = ["ACTIVE", "FINISHED", "Claim", "JobStatus"]
@@ -56,6 +60,17 @@ def _changed(session: Session, *where: Any, **values: Any) -> bool:
     return bool(res.rowcount == 1)  # type: ignore[attr-defined]
 
 
+def _ended(session: Session, won: bool, *, job_id: str, status: JobStatus, now: datetime) -> bool:
+    """After a transition into `status` (FINISHED): when it won and the job has a webhook_url, its
+    notification joins the transaction. Returns `won`."""
+    if won:
+        url = session.scalar(select(Job.webhook_url).where(Job.id == job_id))
+        if url:
+            session.add(WebhookDelivery(job_id=job_id, event=f"job.{status.value}", url=url,
+                                        next_attempt_at=now, occurred_at=now))
+    return won
+
+
 def owned(claim: Claim) -> ColumnElement[bool]:
     """WHERE clause: the job is still running under this claim."""
     return (
@@ -76,18 +91,19 @@ def _as_read(job_id: str, status: str, attempts: int, beat: datetime | None) -> 
 
 
 def create(session: Session, *, tenant_id: str, dataset_id: str, method: str, base_model: str,
-           params: dict[str, Any]) -> Job:
+           params: dict[str, Any], webhook_url: str | None = None) -> Job:
     """(none) → queued: a new job row, added to the session (the caller commits, then enqueues)."""
     job = Job(tenant_id=tenant_id, dataset_id=dataset_id, method=method, base_model=base_model,
-              params=params, status=QUEUED)
+              params=params, status=QUEUED, webhook_url=webhook_url)
     session.add(job)
     return job
 
 
 def enqueue_failed(session: Session, *, job_id: str, error: str, now: datetime) -> bool:
     """queued → failed: the queue refused the message, so no worker will ever see the job."""
-    return _changed(session, Job.id == job_id, Job.status == QUEUED,
-                    status=JobStatus.FAILED.value, error=error, finished_at=now)
+    won = _changed(session, Job.id == job_id, Job.status == QUEUED,
+                   status=JobStatus.FAILED.value, error=error, finished_at=now)
+    return _ended(session, won, job_id=job_id, status=JobStatus.FAILED, now=now)
 
 
 def withdraw(session: Session, *, job_id: str) -> bool:
@@ -102,8 +118,9 @@ def cancel(session: Session, *, job_id: str, now: datetime) -> None:
     Both conditional on the status: a worker claiming the job concurrently either sees
     `cancelled` (and skips it) or sees `cancel_requested` (and stops). Finished jobs are untouched.
     """
-    _changed(session, Job.id == job_id, Job.status == QUEUED,
-             status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
+    won = _changed(session, Job.id == job_id, Job.status == QUEUED,
+                   status=JobStatus.CANCELLED.value, cancel_requested=True, finished_at=now)
+    _ended(session, won, job_id=job_id, status=JobStatus.CANCELLED, now=now)
     _changed(session, Job.id == job_id, Job.status == RUNNING, cancel_requested=True)
 
 
@@ -129,8 +146,9 @@ def give_up(session: Session, *, job_id: str, seen_status: str, seen_attempts: i
     values: dict[str, Any] = dict(status=status.value, finished_at=now)
     if error is not None:
         values["error"] = error
-    return _changed(session, Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts,
-                    **values)
+    won = _changed(session, Job.id == job_id, Job.status == seen_status, Job.attempts == seen_attempts,
+                   **values)
+    return _ended(session, won, job_id=job_id, status=status, now=now)
 
 
 def _running_of(tenant_id: Any) -> ColumnElement[int]:
@@ -217,7 +235,8 @@ def succeed(session: Session, *, claim: Claim, model_id: str, now: datetime, ste
                                   heartbeat_at=now, eta_seconds=0.0)
     final = {"step": step, "loss": loss, "train_accuracy": train_accuracy}
     values.update({k: v for k, v in final.items() if v is not None})
-    return _changed(session, owned(claim), **values)
+    won = _changed(session, owned(claim), **values)
+    return _ended(session, won, job_id=claim.job_id, status=JobStatus.SUCCEEDED, now=now)
 
 
 def finish(session: Session, *, claim: Claim, status: JobStatus, now: datetime,
@@ -225,8 +244,9 @@ def finish(session: Session, *, claim: Claim, status: JobStatus, now: datetime,
     """running → failed (with `error`) or cancelled, if still owned."""
     if status not in (JobStatus.CANCELLED, JobStatus.FAILED):
         raise ValueError(f"finish ends a job cancelled or failed, not {status}")
-    return _changed(session, owned(claim), status=status.value, error=error, finished_at=now,
-                    eta_seconds=None)
+    won = _changed(session, owned(claim), status=status.value, error=error, finished_at=now,
+                   eta_seconds=None)
+    return _ended(session, won, job_id=claim.job_id, status=status, now=now)
 
 
 # ---------------------------------------------------------------- the recovery sweep
@@ -260,15 +280,17 @@ def requeue_stale(session: Session, *, job_id: str, seen_attempts: int, seen_bea
 def fail_stale(session: Session, *, job_id: str, seen_attempts: int, seen_beat: datetime | None,
                error: str, now: datetime) -> bool:
     """running (stale, as read, out of attempts) → failed with `error`."""
-    return _changed(session, *_as_read(job_id, RUNNING, seen_attempts, seen_beat),
-                    status=JobStatus.FAILED.value, error=error, finished_at=now)
+    won = _changed(session, *_as_read(job_id, RUNNING, seen_attempts, seen_beat),
+                   status=JobStatus.FAILED.value, error=error, finished_at=now)
+    return _ended(session, won, job_id=job_id, status=JobStatus.FAILED, now=now)
 
 
 def cancel_stale(session: Session, *, job_id: str, seen_attempts: int, seen_beat: datetime | None,
                  now: datetime) -> bool:
     """running (stale, as read, cancel requested) → cancelled."""
-    return _changed(session, *_as_read(job_id, RUNNING, seen_attempts, seen_beat),
-                    status=JobStatus.CANCELLED.value, finished_at=now)
+    won = _changed(session, *_as_read(job_id, RUNNING, seen_attempts, seen_beat),
+                   status=JobStatus.CANCELLED.value, finished_at=now)
+    return _ended(session, won, job_id=job_id, status=JobStatus.CANCELLED, now=now)
 
 
 def mark_resent(session: Session, *, job_id: str, seen_attempts: int, seen_beat: datetime | None,

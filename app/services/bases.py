@@ -1,51 +1,103 @@
 """The process's base-model registry: one `BaseModel` per spec, shared by serving and training.
 
 `sparseshot.load_base` loads once per (spec, device); this module adds the service's settings
-(device, download directory), background warm-up and the last load error for /readyz. The API,
-the embedded worker and Celery worker processes all call `get_base`.
+(device, download directory), background warm-up, and the memory of a failed load: the error
+(what was tried, which setting to change) is kept and raised again at once, without a new try,
+until a retry is due, `RETRY_FIRST_S` after the first failure and doubling up to `RETRY_MAX_S`.
+So a base that cannot load (offline without cached weights, a wrong path) fails requests and jobs
+fast; `unavailable` tells the API to refuse new jobs (503 + Retry-After), and /readyz gives the
+error. The API, the embedded worker and Celery worker processes all call `get_base`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import sparseshot
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
 
-if TYPE_CHECKING:
-    from sparseshot.base import BaseModel
+if TYPE_CHECKING:  # sparseshot.base imports torch: only where a base is loaded (not a worker's main process)
+    from sparseshot.base import BaseModel, BaseModelError
 
 log = logging.getLogger(__name__)
 
+RETRY_FIRST_S = 30.0  # after the first failed load; doubles with each further failure
+RETRY_MAX_S = 600.0
+RETRYING_AFTER_S = 5  # Retry-After while a due retry is loading
+
+HINT = ("To fix: set SPARSESHOT_BASE_MODEL to a base whose weights this machine has (a checkpoint "
+        "path, NAME:/path/to/checkpoint.pt, or sparseshot-tiny:random to try the service), point "
+        "SPARSESHOT_MODEL_DOWNLOAD_DIR at a download cache that holds them, or, without internet, "
+        "download them once on a connected machine into that cache and set HF_HUB_OFFLINE=1 so "
+        "that only the cache is looked at.")
+
+_now = time.monotonic  # the backoff's clock (tests replace it)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    error: str  # the full message: what was tried, why it failed, what to change
+    failures: int  # consecutive failed loads
+    retry_at: float  # _now() when the next load may be tried
+
+
 _bases: dict[str, BaseModel] = {}
-_errors: dict[str, str] = {}
+_failures: dict[str, _Failure] = {}
 _load_lock = threading.Lock()  # held while a base model loads (seconds)
 _state_lock = threading.Lock()  # quick checks of the dicts above, never held while loading
 _warming: set[str] = set()
 
 
 def get_base(spec: str | None = None) -> BaseModel:
-    """The BaseModel for `spec` (default: settings.base_model), loaded once; BaseModelError if not."""
+    """The BaseModel for `spec` (default: settings.base_model), loaded once; BaseModelError if not
+    (at once, without trying again, while a remembered failure's retry is not yet due)."""
     settings = get_settings()
     spec = spec or settings.base_model
     base = _bases.get(spec)
     if base is not None:
         return base
+    _raise_if_backing_off(spec)
     with _load_lock:
         base = _bases.get(spec)
-        if base is None:
-            try:
-                base = sparseshot.load_base(spec, device=settings.device or None,
-                                            cache_dir=settings.model_download_dir)
-            except Exception as e:
-                _errors[spec] = f"{type(e).__name__}: {e}"
-                raise
-            with _state_lock:
-                _bases[spec] = base
-                _errors.pop(spec, None)
+        if base is not None:
+            return base
+        _raise_if_backing_off(spec)  # another thread's load just failed
+        try:
+            base = sparseshot.load_base(spec, device=settings.device or None,
+                                        cache_dir=settings.model_download_dir)
+        except Exception as e:
+            raise _remember(spec, e, settings) from None
+        with _state_lock:
+            _bases[spec] = base
+            _failures.pop(spec, None)
         return base
+
+
+def _raise_if_backing_off(spec: str) -> None:
+    failure = _failures.get(spec)
+    if failure is not None:
+        wait = failure.retry_at - _now()
+        if wait > 0:
+            raise sparseshot.BaseModelError(f"{failure.error} (next try in {math.ceil(wait)} s)")
+
+
+def _remember(spec: str, e: Exception, settings: Settings) -> BaseModelError:
+    """Record a failed load of `spec`; the error to raise (what was tried, what to change)."""
+    with _state_lock:
+        failures = _failures[spec].failures + 1 if spec in _failures else 1
+        delay = min(RETRY_FIRST_S * 2 ** (failures - 1), RETRY_MAX_S)
+        cache = settings.model_download_dir or "the library's default download cache"
+        error = (f"base model {spec!r} could not be loaded (tried: load_base({spec!r}) on device "
+                 f"{settings.device or 'auto'}, weights from {cache}; failure {failures}, next try "
+                 f"after {delay:g} s): {type(e).__name__}: {e}. {HINT}")
+        _failures[spec] = _Failure(error=error, failures=failures, retry_at=_now() + delay)
+    log.error("%s", error)
+    return sparseshot.BaseModelError(error)
 
 
 def warm_up(spec: str | None = None) -> None:
@@ -60,7 +112,7 @@ def warm_up(spec: str | None = None) -> None:
         try:
             get_base(spec)
         except Exception as e:
-            log.error("base model %s could not be loaded: %s", spec, e)
+            log.debug("base model %s not loaded: %s", spec, e)  # logged once per failure by _remember
         finally:
             with _state_lock:
                 _warming.discard(spec)
@@ -78,13 +130,28 @@ def base_ready(spec: str | None = None) -> bool:
     return False
 
 
+def unavailable(spec: str) -> tuple[str, int] | None:
+    """(error, Retry-After seconds) while the last load of `spec` failed, else None (loaded, or
+    never tried or loading: not known to fail). A retry that is due is started in the background."""
+    with _state_lock:
+        failure = None if spec in _bases else _failures.get(spec)
+    if failure is None:
+        return None
+    wait = failure.retry_at - _now()
+    if wait <= 0:
+        warm_up(spec)
+        return failure.error, RETRYING_AFTER_S
+    return failure.error, max(1, math.ceil(wait))
+
+
 def base_error(spec: str | None = None) -> str | None:
     """The last load error of `spec`, if any (for /readyz details)."""
-    return _errors.get(spec or get_settings().base_model)
+    failure = _failures.get(spec or get_settings().base_model)
+    return failure.error if failure is not None else None
 
 
 def reset() -> None:
-    """Forget the registered bases (tests)."""
+    """Forget the registered bases and failures (tests)."""
     with _load_lock, _state_lock:
         _bases.clear()
-        _errors.clear()
+        _failures.clear()

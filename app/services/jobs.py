@@ -15,6 +15,7 @@ from app.jobs.status import FINISHED, JobStatus
 from app.models import Job, Tenant, utcnow
 from app.queue import Queue
 from app.schemas import JobCreate, JobProgress, JobPublic
+from app.services import bases, webhooks
 from app.services.datasets import get_dataset, image_counts
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=body.dataset_id)
     base_model = resolve_base_model(body.base_model, settings)
+    _check_base_available(base_model)
+    if body.webhook_url is not None:
+        webhooks.check_url(url=body.webhook_url, settings=settings)
+        webhooks.ensure_secret(session=session, tenant=tenant)  # committed with the job
     params = validate_params(body.method, body.params, body.preset, base_model)
     counts = image_counts(session=session, dataset=dataset)
     if sum(counts.values()) == 0:
@@ -87,7 +92,7 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
                                 n_images=sum(counts.values()), n_classes=len(counts))
     quotas.check_new_job(session=session, tenant=tenant, settings=settings)  # locks until the commit
     job = lifecycle.create(session, tenant_id=tenant.id, dataset_id=dataset.id, method=body.method,
-                           base_model=base_model, params=params)
+                           base_model=base_model, params=params, webhook_url=body.webhook_url)
     job.preset, job.estimated_seconds, job.validation = body.preset, estimate, validation
     session.commit()
     _enqueue(session, queue, job)
@@ -106,6 +111,16 @@ def _validation(option: dict | None, counts: dict[str, int]) -> dict | None:
         raise InvalidInput(f"validation: no class has more than {MIN_TRAIN} images, so none can be held out "
                            "(cross-validation of small datasets is not available)")
     return parsed
+
+
+def _check_base_available(spec: str) -> None:
+    """503 + Retry-After while this process's last load of the base failed (app.services.bases):
+    a job accepted now would only fail when its worker tries the same load."""
+    down = bases.unavailable(spec)
+    if down is not None:
+        error, retry_after_s = down
+        raise Unavailable(f"the base model is unavailable, no job was created: {error}",
+                          retry_after_s=retry_after_s, extra={"base_model": spec})
 
 
 def _enqueue(session: Session, queue: Queue, job: Job) -> None:
@@ -164,5 +179,6 @@ def to_public(job: Job) -> JobPublic:
         estimated_seconds=job.estimated_seconds, device=job.device, versions=job.versions,
         status=JobStatus(job.status), cancel_requested=job.cancel_requested,
         progress=progress, attempts=job.attempts, model_id=job.model_id, error=job.error,
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
+        webhook_url=job.webhook_url, created_at=job.created_at, started_at=job.started_at,
+        finished_at=job.finished_at,
     )  # fmt: skip

@@ -16,13 +16,13 @@ def test_healthz(client: TestClient) -> None:
 
 
 def test_readyz_reports_each_check(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bases, "base_ready", lambda: True)
+    monkeypatch.setattr(bases, "base_ready", lambda spec=None: True)
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     checks = {"database": True, "broker": True, "base_model": True}
     assert r.json() == {"status": "ready", "checks": checks, "reasons": {}}
 
-    monkeypatch.setattr(bases, "base_ready", lambda: False)
+    monkeypatch.setattr(bases, "base_ready", lambda spec=None: False)
     r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json()["checks"]["base_model"] is False and r.json()["reasons"] == {"base_model": "not ready"}

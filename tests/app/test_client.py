@@ -142,6 +142,22 @@ def test_train_wait_history_cancel(sdk: Client, engine, samples: Path, enqueued:
         sdk.train(ds, preset="nope")
 
 
+def test_webhook_options_through_the_client(sdk: Client, samples: Path) -> None:
+    ds = sdk.create_dataset("shapes", list(sample_data.CLASSES))
+    sdk.upload(ds, samples / "train")
+    with pytest.raises(InvalidInput, match="SPARSESHOT_WEBHOOK_ALLOW_PRIVATE"):
+        sdk.train(ds, preset="quick", webhook_url="http://127.0.0.1:9/hook")
+    url = "https://93.184.215.14/hook"  # a public address literal: accepted without DNS
+    job = sdk.train(ds, preset="quick", webhook_url=url)
+    assert job.data["webhook_url"] == url
+    assert sdk.deliveries(job) == []  # nothing until the job ends
+    job.cancel()
+    [delivery] = sdk.deliveries(job)
+    assert delivery["event"] == "job.cancelled" and delivery["state"] == "pending" and delivery["url"] == url
+    secret = sdk.webhook_secret()
+    assert sdk.webhook_secret() == secret and sdk.webhook_secret(rotate=True) != secret
+
+
 def test_events_through_the_client(sdk: Client, engine, settings, samples: Path) -> None:
     settings.events_poll_s = 0.05
     ds = sdk.create_dataset("shapes", list(sample_data.CLASSES))

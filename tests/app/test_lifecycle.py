@@ -8,19 +8,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
 from app.jobs import lifecycle
 from app.jobs.lifecycle import Claim, JobStatus
-from app.models import Dataset, Job, Tenant, utcnow
+from app.models import Dataset, Job, Tenant, WebhookDelivery, utcnow
 
 NOW = utcnow()
 BEAT = NOW - timedelta(seconds=120)
 
 
 def _job(engine: Engine, status: JobStatus, *, attempts: int = 1, worker: str | None = "w1",
-         beat: datetime | None = BEAT) -> str:
+         beat: datetime | None = BEAT, webhook_url: str | None = None) -> str:
     """A job row in `status`, as if claimed by `worker` for attempt `attempts`."""
     with Session(engine) as s:
         tenant = Tenant(name=f"t-{utcnow().timestamp()}-{status.value}")
@@ -30,7 +30,8 @@ def _job(engine: Engine, status: JobStatus, *, attempts: int = 1, worker: str | 
         s.add(ds)
         s.flush()
         job = lifecycle.create(s, tenant_id=tenant.id, dataset_id=ds.id, method="so",
-                               base_model="sparseshot-tiny:random", params={"n_iters": 1})
+                               base_model="sparseshot-tiny:random", params={"n_iters": 1},
+                               webhook_url=webhook_url)
         s.flush()
         job.status, job.attempts, job.worker, job.heartbeat_at = status.value, attempts, worker, beat
         s.commit()
@@ -91,6 +92,39 @@ def test_each_transition_moves_only_from_its_allowed_statuses(
         won = _apply(engine, fn, **kwargs(job_id))
         assert won == (start in allowed), (name, start)
         assert _row(engine, job_id).status == (target if won else start).value, (name, start)
+
+
+def _deliveries(engine: Engine, job_id: str) -> list[str]:
+    with Session(engine) as s:
+        return list(s.scalars(select(WebhookDelivery.event).where(WebhookDelivery.job_id == job_id)))
+
+
+CANCEL = ("cancel", lambda j: dict(job_id=j, now=NOW), {JobStatus.QUEUED}, JobStatus.CANCELLED)
+
+
+@pytest.mark.parametrize("name,kwargs,allowed,target", [*TRANSITIONS, CANCEL],
+                         ids=[t[0] for t in [*TRANSITIONS, CANCEL]])
+def test_a_won_transition_into_a_finished_status_writes_the_webhook_outbox(
+    engine: Engine, name: str, kwargs: Callable[[str], dict[str, Any]], allowed: set[JobStatus],
+    target: JobStatus,
+) -> None:
+    fn = getattr(lifecycle, name)
+    for start in JobStatus:
+        hooked = _job(engine, start, webhook_url="https://example.com/hook")
+        plain = _job(engine, start)
+        _apply(engine, fn, **kwargs(hooked))
+        _apply(engine, fn, **kwargs(plain))
+        ends = start in allowed and target in lifecycle.FINISHED
+        assert _deliveries(engine, hooked) == ([f"job.{target.value}"] if ends else []), (name, start)
+        assert _deliveries(engine, plain) == [], (name, start)
+
+
+def test_a_rolled_back_transition_leaves_no_webhook(engine: Engine) -> None:
+    job_id = _job(engine, JobStatus.QUEUED, webhook_url="https://example.com/hook")
+    with Session(engine) as s:
+        assert lifecycle.enqueue_failed(s, job_id=job_id, error="x", now=NOW)
+        s.rollback()
+    assert _deliveries(engine, job_id) == []
 
 
 def test_create_is_queued_and_claim_counts_the_attempt(engine: Engine) -> None:

@@ -1,7 +1,8 @@
 """End to end over real HTTP: `sparseshot serve` on a free port, real Celery worker processes.
 
 1. Embedded defaults (SQLite, kombu's SQLite transport, embedded worker): key (CLI) -> dataset ->
-   upload -> job -> poll -> classify, a zero-shot model, and cancelling a running job.
+   upload -> job -> poll -> classify, a zero-shot model, cancelling a running job, and the signed
+   webhook of each job's end received by a local HTTP server.
 2. Redis + PostgreSQL (fresh database, own queue name), API and `sparseshot worker` as separate
    processes: the same path, with the worker SIGKILLed mid-training; a new worker takes the job
    over after the heartbeat timeout and finishes it.
@@ -12,6 +13,7 @@ Tiny random base model; under CI=true a missing PostgreSQL or Redis fails instea
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
@@ -26,6 +28,9 @@ from typing import Any
 import httpx
 import pytest
 from PIL import Image
+
+from app.webhooks import signing
+from tests.fakes import Receiver
 
 pytestmark = pytest.mark.slow
 
@@ -152,6 +157,14 @@ class Api:
 
 
 @pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A local webhook receiver answering 200."""
+    r = Receiver(200)
+    yield r
+    r.close()
+
+
+@pytest.fixture
 def procs() -> Iterator[list[Proc]]:
     started: list[Proc] = []
     yield started
@@ -188,8 +201,8 @@ def _dataset_with_images(api: Api) -> str:
     return str(ds["id"])
 
 
-def _start_job(api: Api, dataset_id: str, params: dict[str, Any]) -> dict:
-    r = api.http.post("/v1/jobs", json={"dataset_id": dataset_id, "method": "so", "params": params})
+def _start_job(api: Api, dataset_id: str, params: dict[str, Any], **extra: Any) -> dict:
+    r = api.http.post("/v1/jobs", json={"dataset_id": dataset_id, "method": "so", "params": params, **extra})
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"].endswith(f"/v1/jobs/{job['id']}")
@@ -210,8 +223,8 @@ def _classify(api: Api, model_id: str) -> None:
         assert {lab["label"] for lab in p["labels"]} <= set(CLASSES)
 
 
-def _train_and_classify(api: Api, dataset_id: str, logs: list[Proc]) -> dict:
-    job = _start_job(api, dataset_id, QUICK_PARAMS)
+def _train_and_classify(api: Api, dataset_id: str, logs: list[Proc], **extra: Any) -> dict:
+    job = _start_job(api, dataset_id, QUICK_PARAMS, **extra)
     job = api.wait_job(job["id"], ("succeeded", "failed", "cancelled"), 120, logs)
     assert job["status"] == "succeeded", job
     progress = job["progress"]
@@ -220,6 +233,21 @@ def _train_and_classify(api: Api, dataset_id: str, logs: list[Proc]) -> dict:
     assert model["classes"] == CLASSES and model["delta"]["nnz"] > 0 and model["method"] == "so"
     _classify(api, model["id"])
     return job
+
+
+def _hooks(receiver: Receiver, secret: str, n: int, timeout: float = 60) -> list[dict[str, Any]]:
+    """The first `n` webhook bodies the receiver got, each checked signed with `secret`."""
+    deadline = time.monotonic() + timeout
+    while len(receiver.requests) < n and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(receiver.requests) >= n, receiver.requests
+    out = []
+    for req in receiver.requests[:n]:
+        h = req["headers"]
+        assert signing.verify(secret, timestamp=h["X-SparseShot-Timestamp"],
+                              signature_header=h["X-SparseShot-Signature"], body=req["body"])
+        out.append(json.loads(req["body"]))
+    return out
 
 
 def _wait_running(api: Api, job_id: str, logs: list[Proc], min_step: int = 1) -> dict:
@@ -249,23 +277,37 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def test_embedded_defaults_used_by_path_cancel_and_recovery(tmp_path: Path, procs: list[Proc]) -> None:
-    env = _env(tmp_path / "data", **FAST_RECOVERY)
+def test_embedded_defaults_used_by_path_cancel_and_recovery(tmp_path: Path, procs: list[Proc],
+                                                            receiver: Receiver) -> None:
+    env = _env(tmp_path / "data", SPARSESHOT_WEBHOOK_ALLOW_PRIVATE="true", SPARSESHOT_WEBHOOK_POLL_S="0.2",
+               **FAST_RECOVERY)
     api = _serve(env, tmp_path, procs)
     api.auth(_create_key(env))
     dataset_id = _dataset_with_images(api)
-    _train_and_classify(api, dataset_id, procs)
+    trained = _train_and_classify(api, dataset_id, procs, webhook_url=receiver.url)
+    secret = api.call("GET", "/v1/webhook-secret", 200)["secret"]
+    # Sent by the embedded worker's main process (the job ended there).
+    [hook] = _hooks(receiver, secret, 1)
+    assert hook["event"] == "job.succeeded" and hook["job"]["id"] == trained["id"]
+    assert hook["model_id"] == trained["model_id"]
+    deadline = time.monotonic() + 30  # the outcome is written once the receiver has answered
+    delivery = api.call("GET", f"/v1/jobs/{trained['id']}/deliveries", 200)[0]
+    while delivery["state"] == "pending" and time.monotonic() < deadline:
+        time.sleep(0.1)
+        delivery = api.call("GET", f"/v1/jobs/{trained['id']}/deliveries", 200)[0]
+    assert delivery["state"] == "delivered" and delivery["attempts"][-1]["status_code"] == 200
 
     zs = api.call("POST", "/v1/models/zeroshot", 201, json={"classes": CLASSES})
     _classify(api, zs["id"])
 
-    job = _start_job(api, dataset_id, LONG_PARAMS)
+    job = _start_job(api, dataset_id, LONG_PARAMS, webhook_url=receiver.url)
     _wait_running(api, job["id"], procs)
     t0 = time.monotonic()
     api.call("POST", f"/v1/jobs/{job['id']}/cancel", 202)
     job = api.wait_job(job["id"], ("cancelled", "succeeded", "failed"), 20, procs)
     assert job["status"] == "cancelled" and time.monotonic() - t0 < 15, job
     assert job["model_id"] is None
+    assert _hooks(receiver, secret, 2)[1]["event"] == "job.cancelled"
 
     # SIGKILL the embedded worker mid-training: serve starts a new one, whose recovery sweep
     # re-queues the job (the SQLite transport never redelivers), and training resumes.

@@ -165,3 +165,18 @@ def test_safetensors_checkpoint_with_config(tmp_path: Path) -> None:
     safetensors.torch.save_file(state, path, metadata={"config": json.dumps(_tiny_cfg())})
     _assert_weights(load_base(str(path), device="cpu").model, state)
     _assert_weights(load_base(f"{TINY}:{path}", device="cpu").model, state)
+
+
+def test_unreachable_download_host_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on: the connection is refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    with pytest.raises(BaseModelError, match="cannot be reached") as info:
+        load_base("ViT-B-32:openai", device="cpu", cache_dir=str(tmp_path))
+    assert f"127.0.0.1:{port}" in str(info.value) and "HF_HUB_OFFLINE" in str(info.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import platform
 import subprocess
 import sys
@@ -23,6 +24,8 @@ from app.jobs import lifecycle
 from app.jobs.status import JobStatus
 from app.models import Dataset, Image, Job, Model, Tenant, utcnow
 from app.storage import get_storage
+from app.webhooks import dispatch
+from tests.fakes import Receiver
 from worker import tasks
 from worker.claims import claim_job
 
@@ -93,7 +96,7 @@ def _png(color: tuple[int, int, int]) -> bytes:
 
 
 def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None, method: str = "so",
-             validation: dict[str, Any] | None = None) -> str:
+             validation: dict[str, Any] | None = None, webhook_url: str | None = None) -> str:
     storage = get_storage()
     with session_scope() as s:
         tenant = Tenant(name=f"t-{time.monotonic_ns()}")
@@ -109,7 +112,7 @@ def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None, meth
                 s.add(Image(dataset_id=ds.id, label=label, sha256=key, storage_key=key, filename=f"{i}.png",
                             format="PNG", width=8, height=8, nbytes=len(data)))
         job = Job(tenant_id=tenant.id, dataset_id=ds.id, method=method, base_model="sparseshot-tiny:random",
-                  params=params or {"n_iters": 3}, validation=validation)
+                  params=params or {"n_iters": 3}, validation=validation, webhook_url=webhook_url)
         s.add(job)
         s.flush()
         return job.id
@@ -155,6 +158,22 @@ def test_validation_split_holds_images_out_of_training(settings, runtime, fake_l
     with session_scope() as s:
         assert s.get(Model, get_job(small).model_id).metrics["val_images"] == 0
     assert fake_lib[0]["hparams"] == {"n_iters": 3, "seed": 5} and get_job(job_id).validation is not None
+
+
+def test_a_finished_job_notifies_its_webhook_with_the_model(settings, runtime, fake_lib, monkeypatch):
+    receiver = Receiver(200)
+    try:
+        monkeypatch.setattr(settings, "webhook_allow_private", True)  # the loopback receiver
+        ok, bad = make_job(webhook_url=receiver.url), make_job(n_per_class=0, webhook_url=receiver.url)
+        assert tasks.run_job(ok, runtime=runtime, worker="w1") == "succeeded"
+        assert tasks.run_job(bad, runtime=runtime, worker="w1") == "failed"  # no images
+        assert dispatch.deliver_due(runtime) == 2
+        events = {json.loads(r["body"])["job"]["id"]: json.loads(r["body"]) for r in receiver.requests}
+    finally:
+        receiver.close()
+    assert events[ok]["event"] == "job.succeeded" and events[ok]["model_id"] == get_job(ok).model_id
+    assert events[ok]["model_id"] is not None and events[ok]["job"]["model_id"] == events[ok]["model_id"]
+    assert events[bad]["event"] == "job.failed" and events[bad]["job"]["error"] == get_job(bad).error
 
 
 def test_training_images_are_kept_at_the_models_input_size(settings, runtime, fake_lib):

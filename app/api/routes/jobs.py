@@ -8,8 +8,8 @@ from fastapi.responses import StreamingResponse
 from app.api.deps import PageDep, QueueDep, RuntimeDep, SessionDep, SettingsDep, TenantDep
 from app.api.responses import problem_responses
 from app.jobs.status import JobStatus
-from app.schemas import JobCreate, JobHistoryPublic, JobPublic
-from app.services import history, job_events
+from app.schemas import JobCreate, JobHistoryPublic, JobPublic, WebhookDeliveryPublic
+from app.services import history, job_events, webhooks
 from app.services import jobs as svc
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses())
@@ -26,7 +26,9 @@ def create_job(
     the `preset`'s hyper-parameters (`quick`, `standard` = the paper's recipe, `thorough`),
     overridden by `params` (unknown keys are refused). Answers 202 with the queued job, its
     `estimated_seconds` and its `Location`; poll it (or stream `/events`) until `status` is
-    `succeeded` (then `model_id` is set), `failed` or `cancelled`.
+    `succeeded` (then `model_id` is set), `failed` or `cancelled`, or give a `webhook_url` to be
+    notified (see `/v1/webhook-secret`). 503 with `Retry-After` while the base model cannot be
+    loaded (the error says which setting to change); no job is created then.
     """
     job = svc.create_job(session=session, settings=settings, queue=queue, tenant=tenant, body=body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
@@ -96,3 +98,14 @@ def stream_events(
                                    job_id=job_id)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
     return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
+
+
+@router.get("/{job_id}/deliveries")
+def list_deliveries(job_id: str, session: SessionDep, tenant: TenantDep) -> list[WebhookDeliveryPublic]:
+    """List a job's webhook deliveries.
+
+    The notification of the job's end to its `webhook_url` (none while it runs, or without a
+    URL): `state` (`pending`, `delivered`, `failed` after the last attempt) and each attempt's
+    time, HTTP status or error, and duration.
+    """
+    return webhooks.list_deliveries(session=session, tenant=tenant, job_id=job_id)

@@ -1,0 +1,89 @@
+"""A base model that cannot load: the failure is remembered with a doubling retry delay, the error
+says what was tried and what to change, and new jobs are refused (503 + Retry-After) meanwhile."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import sparseshot
+from app.core.config import Settings
+from app.services import bases
+from sparseshot.base import BaseModelError
+from tests.app.conftest import Api
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def failing_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
+    """sparseshot.load_base raising (while `state["fail"]`), counted; the backoff on a fake clock."""
+    state: dict[str, Any] = {"calls": 0, "fail": True, "clock": Clock()}
+
+    def load(spec: str, device: Any = None, cache_dir: Any = None) -> Any:
+        state["calls"] += 1
+        if state["fail"]:
+            raise BaseModelError(f"weights for {spec} are not in the local cache")
+        return object()
+
+    bases.reset()
+    monkeypatch.setitem(vars(sparseshot), "load_base", load)
+    monkeypatch.setattr(bases, "_now", state["clock"])
+    yield state
+    bases.reset()
+
+
+def test_a_failed_load_is_remembered_and_retried_with_doubling_delays(failing_loads: dict[str, Any]) -> None:
+    clock = failing_loads["clock"]
+    with pytest.raises(BaseModelError) as first:
+        bases.get_base("ViT-B-16:openai")
+    message = str(first.value)
+    for needed in ("ViT-B-16:openai", "not in the local cache", "SPARSESHOT_BASE_MODEL", "HF_HUB_OFFLINE",
+                   "SPARSESHOT_MODEL_DOWNLOAD_DIR", "tried"):
+        assert needed in message, needed
+    with pytest.raises(BaseModelError, match="next try in"):
+        bases.get_base("ViT-B-16:openai")  # remembered: no new load
+    assert failing_loads["calls"] == 1
+    assert bases.unavailable("ViT-B-16:openai") == (bases.base_error("ViT-B-16:openai"), 30)
+
+    delays = []
+    for _ in range(6):  # each due retry fails again: the delay doubles up to the cap
+        clock.t += 10_000
+        with pytest.raises(BaseModelError):
+            bases.get_base("ViT-B-16:openai")
+        delays.append(bases.unavailable("ViT-B-16:openai")[1])  # type: ignore[index]
+    assert delays == [60, 120, 240, 480, 600, 600]
+    assert failing_loads["calls"] == 7
+
+    failing_loads["fail"] = False
+    clock.t += 10_000
+    assert bases.get_base("ViT-B-16:openai") is not None
+    assert bases.unavailable("ViT-B-16:openai") is None and bases.base_error("ViT-B-16:openai") is None
+
+
+def test_jobs_are_refused_while_the_base_is_unavailable(
+    api: Api, settings: Settings, failing_loads: dict[str, Any], enqueued: list[str],
+) -> None:
+    ds = api.ready_dataset()
+    with pytest.raises(BaseModelError):
+        bases.get_base(settings.base_model)
+    r = api.job(ds["id"])
+    body = api.problem(r, 503)
+    assert r.headers["Retry-After"] == "30"
+    assert "SPARSESHOT_BASE_MODEL" in body["detail"] and body["base_model"] == settings.base_model
+    assert api.client.get("/v1/jobs", headers=api.headers).json() == [] and enqueued == []
+    ready = api.client.get("/readyz")
+    assert ready.status_code == 503 and "SPARSESHOT_BASE_MODEL" in ready.json()["reasons"]["base_model"]
+
+    failing_loads["fail"] = False
+    failing_loads["clock"].t += 31
+    bases.get_base(settings.base_model)  # the retry is due and succeeds
+    assert api.job(ds["id"]).status_code == 202
