@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.responses import problem_responses
+from app.api.responses import QUOTA_RESPONSES, problem_responses
 from app.schemas import ClassifyPublic, ModelPublic, ZeroshotCreate
 from app.services import models as svc
 from app.services.datasets import Upload
@@ -16,7 +16,7 @@ from app.services.datasets import Upload
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses())
 
 
-@router.post("/zeroshot", status_code=status.HTTP_201_CREATED)
+@router.post("/zeroshot", status_code=status.HTTP_201_CREATED, responses=QUOTA_RESPONSES)
 def create_zeroshot(
     body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep
 ) -> ModelPublic:
@@ -29,7 +29,7 @@ def create_zeroshot(
     return svc.to_public(model)
 
 
-@router.post("/import", status_code=status.HTTP_201_CREATED)
+@router.post("/import", status_code=status.HTTP_201_CREATED, responses=QUOTA_RESPONSES)
 def import_model(
     session: SessionDep,
     tenant: TenantDep,
