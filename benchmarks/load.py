@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import sys
@@ -64,31 +65,38 @@ class Config:
     seed: int = 0
 
 
+def percentile_ms(sorted_s: Sequence[float], p: float) -> float | None:
+    """The nearest-rank p-quantile of sorted seconds, in milliseconds (None when empty)."""
+    if not sorted_s:
+        return None
+    return sorted_s[max(0, math.ceil(p * len(sorted_s)) - 1)] * 1000
+
+
 @dataclass
 class OpStats:
     latencies_s: list[float] = field(default_factory=list)
     ok: int = 0
     refused: int = 0
     errors: int = 0
-    samples: list[str] = field(default_factory=list)  # the first few errors and refusals, for the log
+    samples: list[str] = field(default_factory=list)  # the first few errors, then refusals, for the log
 
     def add(self, seconds: float, status: int | None, why: str = "") -> None:
         self.latencies_s.append(seconds)
         if status is not None and status < 400:
             self.ok += 1
             return
-        if status is not None and status < 500:
+        refused = status is not None and status < 500
+        if refused:
             self.refused += 1
         else:
             self.errors += 1
-        if len(self.samples) < 5:
+        if self.refused + self.errors <= 3 or (not refused and self.errors <= 5):
             self.samples.append(f"{status if status is not None else 'transport'}: {why[:200]}")
 
     def summary(self) -> dict[str, Any]:
         lat = sorted(self.latencies_s)
-        q = (lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000) if lat else (lambda p: None)
         return {"requests": len(lat), "ok": self.ok, "refused": self.refused, "errors": self.errors,
-                "p50_ms": q(0.50), "p99_ms": q(0.99),
+                "p50_ms": percentile_ms(lat, 0.50), "p99_ms": percentile_ms(lat, 0.99),
                 "mean_ms": statistics.fmean(lat) * 1000 if lat else None, "samples": self.samples}
 
 

@@ -35,3 +35,9 @@ def test_recorder_stops_at_the_request_budget_and_the_deadline() -> None:
     rec = load.Recorder(max_requests=3, deadline=time.monotonic() + 600)
     assert [rec.take() for _ in range(5)] == [True, True, True, False, False]
     assert not load.Recorder(max_requests=100, deadline=time.monotonic() - 1).take()
+
+
+def test_percentiles_are_nearest_rank() -> None:
+    lat = [float(i) for i in range(1, 101)]  # 1..100 s
+    assert load.percentile_ms(lat, 0.5) == 50_000 and load.percentile_ms(lat, 0.99) == 99_000
+    assert load.percentile_ms([2.0], 0.99) == 2000 and load.percentile_ms([], 0.5) is None
