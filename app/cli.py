@@ -200,11 +200,16 @@ def _print_json(data: Any) -> None:
     print(json.dumps(data, indent=2, default=str))
 
 
-def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+def _table_lines(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> list[str]:
+    """Rows as left-aligned columns under `header` (None shown as "-")."""
     cells = [list(map(str, header))] + [[("-" if v is None else str(v)) for v in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    for r in cells:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
+    for line in _table_lines(rows, header):
+        print(line)
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -246,8 +251,9 @@ def _wait(job: Any, timeout: float | None) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     c = _client(args)
     params = json.loads(args.params) if args.params else {}
+    validation = {"holdout": args.holdout} if args.holdout is not None else None
     job = c.train(args.dataset, method=args.method, preset=args.preset, params=params,
-                  base_model=args.base_model)
+                  base_model=args.base_model, validation=validation)
     est = job.data.get("estimated_seconds")
     print(f"job {job.id} {job.status} (preset {job.data.get('preset')}, "
           f"estimated {'unknown' if est is None else f'{est:.0f} s'})", file=sys.stderr)
@@ -277,13 +283,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from sparseshot.client import expand_images
 
     c = _client(args)
-    preds = c.classify(args.model, expand_images(args.images), top_k=args.top_k)
+    threshold = json.loads(args.threshold) if args.threshold else None  # a number or {class: number}
+    preds = c.classify(args.model, expand_images(args.images), top_k=args.top_k, threshold=threshold)
     if args.json:
         _print_json(preds)
         return 0
     for p in preds:
         labels = "  ".join(f"{lab['label']} {lab['score']:.3f}" for lab in p["labels"])
-        print(f"{p['filename']}: {labels}")
+        print(f"{p['filename']}: {labels or 'unknown'}")
     return 0
 
 
@@ -295,16 +302,35 @@ def cmd_models(args: argparse.Namespace) -> int:
     elif args.models_cmd == "show":
         _print_json(c.get_model(args.model))
     elif args.models_cmd == "evaluate":
-        try:
-            _print_json(c.evaluate(args.model, args.dataset))
-        except NotImplementedError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        ev = c.evaluate(args.model, args.dataset)
+        if args.json:
+            _print_json(ev)
+        else:
+            print(evaluation_report(ev))
     else:
-        path = c.download_delta(args.model, args.output)
-        print(f"saved the delta of model {args.model} to {path}")
+        path = c.export(args.model, args.format, args.output)
+        print(f"saved the {args.format} export of model {args.model} to {path}", file=sys.stderr)
         print(path)
     return 0
+
+
+def evaluation_report(ev: dict[str, Any]) -> str:
+    """An evaluation as text: accuracy, a per-class table, the confusion matrix, exclusions."""
+    classes = ev["classes"]
+    lines = [f"evaluation {ev['id']} of model {ev['model_id']} on dataset {ev['dataset_id']}",
+             f"accuracy {ev['accuracy']:.3f} on {ev['n_images']} image(s)", ""]
+    pc, th = ev["per_class"], ev["suggested_thresholds"]
+    rows = [(c, f"{pc[c]['precision']:.3f}", f"{pc[c]['recall']:.3f}", f"{pc[c]['f1']:.3f}", pc[c]["support"],
+             "-" if th.get(c) is None else f"{th[c]:.3f}") for c in classes]
+    lines += _table_lines(rows, ["CLASS", "PRECISION", "RECALL", "F1", "SUPPORT", "THRESHOLD"])
+    lines += ["", "confusion matrix (rows: true, columns: predicted):"]
+    lines += _table_lines([(c, *row) for c, row in zip(classes, ev["confusion_matrix"], strict=True)],
+                          ["", *classes])
+    if ev["excluded_images"]:
+        parts = ", ".join(f"{label} ({n})" for label, n in ev["excluded_labels"].items())
+        lines += ["", f"{ev['excluded_images']} image(s) not evaluated, labels not among the model's "
+                      f"classes: {parts}"]
+    return "\n".join(lines)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -388,6 +414,8 @@ def _add_client_commands(sub: Any) -> None:
     t.add_argument("--preset", default="standard", choices=["quick", "standard", "thorough"])
     t.add_argument("--params", default=None, help='JSON hyperparameters over the preset: \'{"lr": 1e-3}\'')
     t.add_argument("--base-model", default=None)
+    t.add_argument("--holdout", type=float, default=None,
+                   help="fraction of each class held out for validation accuracy (classes keep 2)")
     t.add_argument("--wait", action="store_true", help="wait with a progress bar; the model id last")
     t.add_argument("--timeout", type=float, default=None, help="seconds to wait at most")
     t.set_defaults(func=_guarded(cmd_train))
@@ -407,6 +435,8 @@ def _add_client_commands(sub: Any) -> None:
     c.add_argument("model")
     c.add_argument("images", nargs="+", help="image files or folders")
     c.add_argument("--top-k", type=int, default=3)
+    c.add_argument("--threshold", default=None,
+                   help='drop labels under it: a probability (0.5) or JSON {"class": 0.7, ...}')
     c.add_argument("--json", action="store_true", help="print the predictions as JSON")
     c.set_defaults(func=_guarded(cmd_classify))
 
@@ -415,12 +445,17 @@ def _add_client_commands(sub: Any) -> None:
     ms.add_parser("list", parents=[conn], help="list models")
     msh = ms.add_parser("show", parents=[conn], help="one model as JSON")
     msh.add_argument("model")
-    me = ms.add_parser("export", parents=[conn], help="download the model's sparse delta (safetensors)")
+    me = ms.add_parser("export", parents=[conn], help="download the model: its sparse delta, a merged "
+                       "open_clip checkpoint or an ONNX classifier")
     me.add_argument("model")
-    me.add_argument("-o", "--output", default=None, help="file or folder (default ./<id>.safetensors)")
-    mev = ms.add_parser("evaluate", parents=[conn], help="evaluate on a labelled dataset (if served)")
+    me.add_argument("--format", choices=["delta", "checkpoint", "onnx"], default="delta",
+                    help="delta: <id>.safetensors (default); checkpoint: <id>-merged.safetensors; "
+                         "onnx: <id>.onnx")
+    me.add_argument("-o", "--output", default=None, help="file or folder (default: ./ with the name above)")
+    mev = ms.add_parser("evaluate", parents=[conn], help="evaluate on a labelled dataset; print a report")
     mev.add_argument("model")
     mev.add_argument("dataset")
+    mev.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     mo.set_defaults(func=_guarded(cmd_models))
 
     de = sub.add_parser("demo", parents=[conn], help="the whole flow on a generated sample dataset")

@@ -145,6 +145,25 @@ class Model(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Evaluation(Base):
+    """A model's metrics on a labelled dataset (app/services/evaluations.py); immutable once written.
+
+    `report` is the EvaluationPublic body less the identifying columns (accuracy, per-class
+    metrics, confusion matrix, suggested thresholds, excluded labels)."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), index=True)
+    # NULL once the dataset is deleted (the evaluation keeps its figures).
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    n_images: Mapped[int] = mapped_column(Integer)  # images evaluated (excluded ones not counted)
+    accuracy: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
@@ -161,6 +180,8 @@ class Job(Base):
     base_model: Mapped[str] = mapped_column(String(200))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     preset: Mapped[str | None] = mapped_column(String(32), default=None)
+    # The validation split (sparseshot.validation), None for none.
+    validation: Mapped[dict[str, Any] | None] = mapped_column(default=None)
     # steps x measured step time for the base, method and device, at creation (None: unmeasured).
     estimated_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     # Where the latest attempt trained: device string and library versions (written by the worker).

@@ -50,6 +50,7 @@ ClassList = Annotated[
 ]
 ModelName = Name
 PresetName = Literal["quick", "standard", "thorough"]  # = sparseshot.presets.PRESETS (a test checks)
+ExportFormat = Literal["delta", "checkpoint", "onnx"]  # = app.services.exports.FORMATS (a test checks)
 
 
 def _unique(classes: list[str]) -> list[str]:
@@ -137,6 +138,14 @@ class JobCreate(RequestBody):
         "`params` override its values.",
     )
     params: dict[str, Any] = Field(default_factory=dict)
+    validation: dict[str, Any] | None = Field(
+        default=None,
+        description='Hold images out of training to measure validation accuracy: `{"holdout": 0.2}` '
+        '(a fraction of each class, at least one image) or `{"holdout_per_class": 1}`. A class always '
+        "keeps 2 training images (smaller classes hold none out); the job reports `val_accuracy` in "
+        "its history and the model's metrics.",
+        examples=[{"holdout": 0.2}],
+    )
 
 
 class JobProgress(BaseModel):
@@ -154,6 +163,7 @@ class JobPublic(BaseModel):
     base_model: str
     params: dict[str, Any]
     preset: str | None = None
+    validation: dict[str, Any] | None = Field(default=None, description="The validation split asked for.")
     estimated_seconds: float | None = Field(
         default=None,
         description="Planned steps x the measured step time of this base and method on the worker's "
@@ -228,11 +238,53 @@ class LabelScore(BaseModel):
 
 class Prediction(BaseModel):
     filename: str
-    labels: list[LabelScore]
+    labels: list[LabelScore] = Field(description="Best first; only labels at or above the threshold.")
+    unknown: bool = Field(
+        default=False, description="True when a threshold was given and no label reaches it (labels empty)."
+    )
 
 
 class ClassifyPublic(BaseModel):
     predictions: list[Prediction]
+
+
+class EvaluationCreate(RequestBody):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"dataset_id": "3f2b8c1e-0d4a-4e7b-9a61-5c2f0e8d7b10"}]}
+    )
+
+    dataset_id: str = Field(description="A labelled dataset of yours (its images' labels are the truth).")
+
+
+class ClassMetrics(BaseModel):
+    precision: float = Field(
+        description="Of the images predicted as this class, the share that are (0 if none)."
+    )
+    recall: float = Field(description="Of the images of this class, the share predicted as it (0 if none).")
+    f1: float
+    support: int = Field(description="Images of this class in the dataset.")
+
+
+class EvaluationPublic(BaseModel):
+    id: str
+    model_id: str
+    dataset_id: str | None = Field(description="Null once the dataset is deleted.")
+    created_at: datetime
+    n_images: int = Field(description="Images evaluated: those labelled with one of the model's classes.")
+    accuracy: float = Field(description="Top-1 accuracy over the evaluated images.")
+    classes: list[str] = Field(description="The model's classes: the order of the confusion matrix.")
+    per_class: dict[str, ClassMetrics]
+    confusion_matrix: list[list[int]] = Field(
+        description="Rows: true class, columns: predicted class (top-1), both in `classes` order."
+    )
+    suggested_thresholds: dict[str, float | None] = Field(
+        description="Per class, the probability cut that maximises that class's one-vs-rest F1 on this "
+        "dataset (null: no image of the class); can be sent as classify's `threshold`."
+    )
+    excluded_images: int = Field(
+        description="Images whose label is not a class of the model (not evaluated)."
+    )
+    excluded_labels: dict[str, int] = Field(description="Those images per label.")
 
 
 class Readiness(BaseModel):

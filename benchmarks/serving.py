@@ -54,7 +54,7 @@ class Config:
     threads: int = 2
     concurrency: int = 8
     images: tuple[int, ...] = (1, 8)
-    densities: tuple[float, ...] = (0.005, 0.02)
+    densities: tuple[float, ...] = field(default_factory=lambda: (0.005, 0.02, default_budget()))
     many: int = 100
     zipf_models: int = 1000
     zipf_s: float = 1.1
@@ -532,6 +532,19 @@ def print_table(result: dict[str, Any]) -> None:
     print("ratios:", json.dumps(ratios))
 
 
+def default_budget() -> float:
+    """The recipe's default SO `delta_budget`: a default-trained delta holds at most this fraction
+    of each trained matrix, so the synthetic delta at this density is the default's worst case."""
+    from sparseshot.configs import hparam_defaults
+
+    return float(hparam_defaults("so")["delta_budget"])
+
+
+def _densities(text: str) -> tuple[float, ...]:
+    """Comma-separated fractions; `default` stands for the recipe's default delta budget."""
+    return tuple(default_budget() if x.strip() == "default" else float(x) for x in text.split(","))
+
+
 def _floats(text: str) -> tuple[float, ...]:
     return tuple(float(x) for x in text.split(",") if x)
 
@@ -543,7 +556,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=d.threads)
     ap.add_argument("--concurrency", type=int, default=d.concurrency)
     ap.add_argument("--images", default="1,8", help="images per request, comma-separated")
-    ap.add_argument("--densities", default="0.005,0.02", help="fraction of each matrix changed")
+    ap.add_argument("--densities", default="0.005,0.02,default",
+                    help="fraction of each matrix changed, comma-separated; `default`: the recipe's "
+                         "default delta_budget")
     ap.add_argument("--many", type=int, default=d.many)
     ap.add_argument("--zipf-models", type=int, default=d.zipf_models)
     ap.add_argument("--zipf-cache-models", type=int, default=d.zipf_cache_models)
@@ -557,7 +572,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args(argv)
     cfg = Config(model=a.model, threads=a.threads, concurrency=a.concurrency,
-                 images=tuple(int(x) for x in _floats(a.images)), densities=_floats(a.densities),
+                 images=tuple(int(x) for x in _floats(a.images)), densities=_densities(a.densities),
                  many=a.many, zipf_models=a.zipf_models, zipf_cache_models=a.zipf_cache_models,
                  zipf_density=a.zipf_density,
                  cold_models=a.cold_models, requests=a.requests, towers=a.towers,

@@ -12,7 +12,9 @@ PRETRAINED is one of
   `cache_dir` on first use; with ``HF_HUB_OFFLINE=1`` only the local cache is looked at;
 - the path of a checkpoint file: a state dict, or a dict holding it under ``"state_dict"`` or ``"model"``
   (``.pt``/``.pth``/``.bin`` via ``torch.load(weights_only=True)``, or ``.safetensors``). A checkpoint
-  that also stores its model config under ``"config"`` can be given alone: ``load_base("ckpt.pt")``;
+  that also stores its model config under ``"config"`` can be given alone: ``load_base("ckpt.pt")``
+  (for ``.safetensors``, the JSON metadata entry ``"config"``, as `sparseshot.export.merged_checkpoint`
+  writes; in the ``open_clip_config.json`` layout its ``"preprocess_cfg"`` sets mean, std and resizing);
 - ``random``: explicit random initialisation, seeded so that every process builds the same weights
   (and the same fingerprint).
 
@@ -71,6 +73,8 @@ class BaseModel:
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     config: dict[str, Any] = field(default_factory=dict, repr=False)  # open_clip model config
     weights: str = ""  # what the weights came from: tag, checkpoint path or "random"
+    # Eval preprocessing (mean, std, interpolation, resize_mode, size), open_clip's PreprocessCfg keys.
+    preprocess_cfg: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -391,14 +395,15 @@ def _create_single(path: str) -> tuple[nn.Module, dict[str, Any], str, str, dict
     if path.endswith(".json"):
         raise BaseModelError(f"no weights given for config {path!r}; use {path}:random or "
                              f"{path}:/path/to/checkpoint.pt")
-    state, cfg = _read_checkpoint(path)
-    if cfg is None:
+    state, raw = _read_checkpoint(path)
+    if raw is None:
         raise BaseModelError(f"checkpoint {path!r} carries no model config under 'config'; "
                              f"use NAME:{path} with an open_clip name or config JSON")
-    cfg = _normalise_config(cfg, f"the config in checkpoint {path!r}")
+    cfg = _normalise_config(raw, f"the config in checkpoint {path!r}")
     model = _build(cfg)
     _load_state(model, state, path)
-    return model, cfg, path, path, {}
+    pp = raw.get("preprocess_cfg") if "model_cfg" in raw else None  # the open_clip_config.json layout
+    return model, cfg, path, path, dict(pp) if isinstance(pp, Mapping) else {}
 
 
 def _bad_pretrained(name: str, pretrained: str, tags: list[str]) -> BaseModelError:
@@ -455,15 +460,26 @@ def _load_uncached(spec: str, device: torch.device, cache_dir: str | None) -> Ba
     if not cfg:
         cfg = {"vision_cfg": {}, "text_cfg": {"context_length": getattr(model, "context_length", 77)}}
     image_size = _image_size(model, cfg)
-    train, evaluate = _transforms(image_size, _preprocess_cfg(model, tag_cfg))
+    pp = _preprocess_cfg(model, tag_cfg)
+    train, evaluate = _transforms(image_size, pp)
     tokenizer = (open_clip.get_tokenizer(name, cache_dir=cache_dir) if name.startswith(_SCHEMAS)
                  else _tokenizer(name, cfg, cache_dir))
     model = _prepare(model, device)
     return BaseModel(
         spec=spec, model=model, preprocess_train=train, preprocess_eval=evaluate, tokenizer=tokenizer,
         fingerprint=weights_fingerprint(model), device=device, image_size=image_size, config=cfg,
-        weights=weights,
+        weights=weights, preprocess_cfg=_public_preprocess(pp, image_size),
     )
+
+
+def _public_preprocess(pp: Mapping[str, Any], image_size: int) -> dict[str, Any]:
+    """The eval preprocessing as JSON-ready open_clip PreprocessCfg fields."""
+    out: dict[str, Any] = {"size": image_size, "mean": [float(m) for m in pp["mean"]],
+                           "std": [float(s) for s in pp["std"]]}
+    for k in ("interpolation", "resize_mode"):
+        if pp.get(k) is not None:
+            out[k] = str(pp[k])
+    return out
 
 
 def clear_cache() -> None:

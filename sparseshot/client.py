@@ -36,6 +36,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 TERMINAL = ("succeeded", "failed", "cancelled")
 UPLOAD_BATCH = 16  # files per request; halved when the server answers 413 (its limit is lower)
+# Download names of `Client.export` formats: <model id><suffix> (as the server names them).
+EXPORT_SUFFIXES = {"delta": ".safetensors", "checkpoint": "-merged.safetensors", "onnx": ".onnx"}
 
 Resource = str | Mapping[str, Any] | Any  # an id, a response dict with "id", or an object with .id
 FileLike = str | os.PathLike[str] | tuple[str, bytes]
@@ -314,8 +316,12 @@ class Client:
     # ---- jobs
 
     def train(self, dataset: Resource, method: str = "so", preset: str | None = None,
-              params: Mapping[str, Any] | None = None, base_model: str | None = None) -> Job:
+              params: Mapping[str, Any] | None = None, base_model: str | None = None,
+              validation: Mapping[str, Any] | None = None) -> Job:
+        """Start a job; `validation` holds images out, e.g. {"holdout": 0.2} (see the API docs)."""
         body: dict[str, Any] = {"dataset_id": _id(dataset), "method": method, "params": dict(params or {})}
+        if validation is not None:
+            body["validation"] = dict(validation)
         if preset is not None:
             body["preset"] = preset
         if base_model is not None:
@@ -370,32 +376,59 @@ class Client:
         return self._json("POST", "/v1/models/zeroshot", json=body)
 
     def classify(self, model: Resource, images: Sequence[FileLike], top_k: int = 5,
-                 batch_size: int = UPLOAD_BATCH) -> list[dict[str, Any]]:
-        """Predictions [{"filename", "labels": [{"label", "score"}]}] in the order of `images`."""
+                 batch_size: int = UPLOAD_BATCH,
+                 threshold: float | Mapping[str, float | None] | None = None) -> list[dict[str, Any]]:
+        """Predictions [{"filename", "labels": [{"label", "score"}], "unknown"}] in the order of
+        `images`. `threshold` (a probability, or one per class such as an evaluation's
+        "suggested_thresholds") drops the labels under it; "unknown" is true when none is left."""
+        data = {"top_k": str(top_k)}
+        if threshold is not None:
+            cut = dict(threshold) if isinstance(threshold, Mapping) else float(threshold)
+            data["threshold"] = json.dumps(cut)
         out: list[dict[str, Any]] = []
         for start in range(0, len(images), max(1, batch_size)):
             parts = [_file_part(f) for f in images[start:start + batch_size]]
-            body = self._json("POST", f"/v1/models/{_id(model)}/classify", data={"top_k": str(top_k)},
+            body = self._json("POST", f"/v1/models/{_id(model)}/classify", data=data,
                               files=[("files", (n, b, "application/octet-stream")) for n, b in parts])
             out += body["predictions"]
         return out
 
     def evaluate(self, model: Resource, dataset: Resource) -> dict[str, Any]:
-        """POST /v1/models/{id}/evaluations; NotImplementedError where the server has no such route."""
-        spec = self._json("GET", "/openapi.json")
-        if "/v1/models/{model_id}/evaluations" not in spec.get("paths", {}):
-            raise NotImplementedError(f"the server at {self.url} has no evaluation endpoint")
+        """Evaluate the model on a labelled dataset (POST /v1/models/{id}/evaluations): the stored
+        evaluation {"accuracy", "per_class", "confusion_matrix", "suggested_thresholds", ...}."""
         return self._json("POST", f"/v1/models/{_id(model)}/evaluations", json={"dataset_id": _id(dataset)})
+
+    def list_evaluations(self, model: Resource, limit: int = 100, offset: int = 0) -> list[dict[str, Any]]:
+        """The model's stored evaluations, newest first."""
+        return self._json("GET", f"/v1/models/{_id(model)}/evaluations",
+                          params={"limit": limit, "offset": offset})
 
     def download_delta(self, model: Resource, path: str | os.PathLike[str] | None = None) -> Path:
         """Save the model's delta (safetensors); `path` may be a folder. Written atomically."""
+        model_id = _id(model)
+        return self._download(f"/v1/models/{model_id}/delta", path, f"{model_id}.safetensors")
+
+    def export(self, model: Resource, format: str,
+               path: str | os.PathLike[str] | None = None) -> Path:
+        """Save an export of the model; `path` may be a folder (default: the current one). Formats:
+        ``delta`` (<id>.safetensors), ``checkpoint`` (merged open_clip checkpoint,
+        <id>-merged.safetensors; `sparseshot.export.checkpoint_classifier` loads it) and ``onnx``
+        (<id>.onnx: pixels (N,3,S,S) -> probabilities (N,C)). Written atomically."""
+        if format not in EXPORT_SUFFIXES:
+            raise ValueError(f"unknown export format {format!r}; one of {', '.join(EXPORT_SUFFIXES)}")
+        model_id = _id(model)
+        return self._download(f"/v1/models/{model_id}/export", path, model_id + EXPORT_SUFFIXES[format],
+                              params={"format": format}, timeout=max(self.http.timeout.read or 0, 600.0))
+
+    def _download(self, url: str, path: str | os.PathLike[str] | None, default_name: str,
+                  **kw: Any) -> Path:
+        """Stream GET `url` into `path` (a file, a folder, or None: ./default_name) atomically."""
         from sparseshot.io import atomic_write
 
-        model_id = _id(model)
-        target = Path(path) if path is not None else Path(f"{model_id}.safetensors")
+        target = Path(path) if path is not None else Path(default_name)
         if target.is_dir():
-            target = target / f"{model_id}.safetensors"
-        with self.http.stream("GET", f"/v1/models/{model_id}/delta") as r:
+            target = target / default_name
+        with self.http.stream("GET", url, **kw) as r:
             if not r.is_success:
                 r.read()
                 raise_for_problem(r)

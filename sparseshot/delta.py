@@ -243,6 +243,20 @@ def _read_safetensors_header(data: bytes) -> dict[str, Any]:
     return header
 
 
+def _canonical_file(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header written canonically (sorted keys, no spaces).
+
+    safetensors writes the `__metadata__` map in hash order, which changes from process to process;
+    re-encoding the header makes `to_bytes` a pure function of the delta (same delta, same bytes,
+    same content address). The tensor data is untouched: its offsets are relative to the end of the
+    header, whose length is padded to a multiple of 8 with spaces as safetensors does."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n :]
+
+
 # Which SparseDelta is applied to which model, with the originals needed to revert it.
 _Originals = list[tuple[torch.Tensor, Any, torch.Tensor]]  # (target, where, original values)
 _APPLIED: weakref.WeakKeyDictionary[nn.Module, tuple[SparseDelta, _Originals]] = weakref.WeakKeyDictionary()
@@ -445,7 +459,7 @@ class SparseDelta:
 
     def to_bytes(self) -> bytes:
         tensors, header = self._to_tensors_and_header()
-        data = safetensors.torch.save(tensors, metadata=header)
+        data = _canonical_file(safetensors.torch.save(tensors, metadata=header))
         self._nbytes = len(data)
         return data
 

@@ -1,13 +1,21 @@
-"""A small compiled CPU kernel for the serving corrections: y += x Δᵀ with Δ in CSR.
+"""A small compiled CPU kernel for the serving corrections: y += x Δᵀ with Δ in CSR, many models at once.
 
 torch.sparse.mm on CPU ran at a few percent of a dense product's throughput per stored entry for
-the shapes serving meets (tens to hundreds of token rows), which made the corrections cost as much
-as the product itself. This kernel walks Δ's rows and, per stored entry, adds value · xᵀ[col] to an
-accumulator of the n token rows (a contiguous, vectorisable loop), then writes the accumulator into
-y's column. It is plain C (no torch headers: it compiles in about a second), built on first use
-with the system's C compiler into a per-user cache folder and called through ctypes, which releases
-the GIL, so two threads can work on halves of Δ's rows at once. Without a compiler, `available()`
-is False and callers use torch.sparse.mm.
+the shapes serving meets (tens to hundreds of token rows per model). This kernel takes every
+model's correction of one linear layer in one call. The work is cut into units of TJ token rows of
+one model; per unit it
+
+1. copies the TJ rows of x transposed into a small tile xt (in, TJ) (zero-padded past the last
+   row), so each stored entry reads TJ contiguous floats (one vector load);
+2. walks Δ in blocks of RB output rows: a linear, branch-free loop over the block's entries adds
+   value · xt[col] into an accumulator acc[local row] (RB, TJ) that stays in L1 (the local row of
+   each entry, `lrow`, is prepared once with the CSR);
+3. adds the accumulator into y's RB columns of those TJ rows (contiguous writes).
+
+It is plain C (no torch headers: it compiles in about a second), built on first use with the
+system's C compiler into a per-user cache folder and called through ctypes, which releases the
+GIL, so two threads take halves of the units at once. Without a compiler, `available()` is False
+and callers use torch.sparse.mm.
 """
 
 from __future__ import annotations
@@ -20,7 +28,9 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,31 +38,81 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
+TJ = 16  # token rows per unit: one AVX-512 vector (two AVX2 ones) per stored entry
+RB = 64  # output rows per accumulator block: acc (RB, TJ) fp32 = 4 KiB, in L1; lrow fits a byte
+
 _SOURCE = r"""
 #include <stdint.h>
-/* y[j, r] += sum_k val[k] * xt[col[k], j] over rows r in [r0, r1) of a CSR matrix (out, in).
-   xt: (in, n) contiguous; y: row stride ldy. */
-void csr_add_xt(int64_t r0, int64_t r1, int64_t n, const int32_t *crow, const int32_t *col,
-                const float *val, const float *xt, float *y, int64_t ldy, float *acc) {
-    for (int64_t r = r0; r < r1; r++) {
-        int32_t k0 = crow[r], k1 = crow[r + 1];
+#include <string.h>
+#define TJ 16
+#define RB 64
+typedef struct {
+    int64_t n, out, in, ldx, ldy;
+    const int32_t *crow, *col;
+    const float *val, *x;
+    float *y;
+    const uint8_t *lrow;
+} seg_t;
+
+/* y[t:t+TJ, :] += x[t:t+TJ, :] @ D^T for one segment (model) s. */
+static void unit(const seg_t *s, int64_t t, float *restrict xt) {
+    const int64_t m = s->n - t < TJ ? s->n - t : TJ, in = s->in;
+    for (int64_t j = 0; j < TJ; j++) {
+        const float *xr = s->x + (t + j) * s->ldx;
+        if (j < m) for (int64_t c = 0; c < in; c++) xt[c * TJ + j] = xr[c];
+        else for (int64_t c = 0; c < in; c++) xt[c * TJ + j] = 0.0f;
+    }
+    float acc[RB][TJ];
+    const int32_t *restrict col = s->col;
+    const float *restrict val = s->val;
+    const uint8_t *restrict lrow = s->lrow;
+    for (int64_t r0 = 0; r0 < s->out; r0 += RB) {
+        const int64_t rn = s->out - r0 < RB ? s->out - r0 : RB;
+        const int32_t k0 = s->crow[r0], k1 = s->crow[r0 + rn];
         if (k0 == k1) continue;
-        for (int64_t j = 0; j < n; j++) acc[j] = 0.0f;
+        memset(acc, 0, sizeof(float) * TJ * rn);
         for (int32_t k = k0; k < k1; k++) {
             const float v = val[k];
-            const float *restrict xr = xt + (int64_t)col[k] * n;
-            for (int64_t j = 0; j < n; j++) acc[j] += v * xr[j];
+            const float *restrict xr = xt + (int64_t)col[k] * TJ;
+            float *restrict a = acc[lrow[k]];
+            for (int j = 0; j < TJ; j++) a[j] += v * xr[j];
         }
-        for (int64_t j = 0; j < n; j++) y[j * ldy + r] += acc[j];
+        for (int64_t j = 0; j < m; j++) {
+            float *restrict yr = s->y + (t + j) * s->ldy + r0;
+            for (int64_t rr = 0; rr < rn; rr++) yr[rr] += acc[rr][j];
+        }
     }
 }
+
+void csr_add_units(const seg_t *segs, const int64_t *unit_seg, const int64_t *unit_row,
+                   int64_t u0, int64_t u1, float *xt) {
+    for (int64_t u = u0; u < u1; u++) unit(&segs[unit_seg[u]], unit_row[u], xt);
+}
 """
-_PARALLEL_WORK = 1 << 18  # entries × rows above which the rows are split over two threads
+_PARALLEL_WORK = 1 << 17  # (entries + in + out) × TJ summed over units, above which two threads split them
 
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
 _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csr-kernel")
+
+
+class _Seg(ctypes.Structure):
+    _fields_ = [(f, ctypes.c_int64) for f in ("n", "out", "in_", "ldx", "ldy")] + [
+        (f, ctypes.c_void_p) for f in ("crow", "col", "val", "x", "y", "lrow")]
+
+
+@dataclass
+class Correction:
+    """One model's part of a layer: y (n, out) += x (n, in) @ Δᵀ; both row-major views (unit
+    column stride), Δ (out, in) as int32 crow/col, fp32 val and uint8 lrow (`local_rows`)."""
+
+    y: Tensor
+    x: Tensor
+    crow: Tensor
+    col: Tensor
+    val: Tensor
+    lrow: Tensor
 
 
 def _cache_dir() -> Path:
@@ -77,8 +137,8 @@ def _build() -> ctypes.CDLL | None:
             os.replace(out, path)  # atomic: a concurrent builder sees the old or the whole file
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.csr_add_xt.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
-    lib.csr_add_xt.restype = None
+    lib.csr_add_units.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.csr_add_units.restype = None
     return lib
 
 
@@ -96,23 +156,59 @@ def available() -> bool:
         return _lib is not None
 
 
-def csr_add(y: Tensor, x: Tensor, crow: Tensor, col: Tensor, val: Tensor) -> None:
-    """y (n, out) += x (n, in) @ Δᵀ in place; Δ (out, in) as int32 crow/col and fp32 val, all CPU.
+def local_rows(crow: Tensor) -> Tensor:
+    """(nnz,) uint8: each stored entry's row within its block of RB output rows (made once per Δ)."""
+    crow = crow.long()
+    nnz = int(crow[-1])
+    # Row of entry k = number of row starts crow[1:-1] at or before k: a cumulative count of marks
+    # (repeat_interleave is an order of magnitude slower on CPU for this).
+    marks = torch.zeros(nnz + 1, dtype=torch.int64)
+    marks.index_add_(0, crow[1:-1], torch.ones(crow.numel() - 2, dtype=torch.int64))
+    return (marks[:nnz].cumsum(0) % RB).to(torch.uint8)
 
-    y must have unit column stride (a row-major view); x is copied transposed once."""
-    assert _lib is not None and y.dtype == torch.float32 and y.stride(1) == 1
-    n, out = y.shape
-    xt = x.float().t().contiguous()  # (in, n)
-    args = (n, crow.data_ptr(), col.data_ptr(), val.data_ptr(), xt.data_ptr(), y.data_ptr(), y.stride(0))
-    lib = _lib
-    if val.numel() * n < _PARALLEL_WORK or torch.get_num_threads() < 2:
-        acc = torch.empty(n)
-        lib.csr_add_xt(0, out, *args, acc.data_ptr())
+
+def fits(c: Correction) -> bool:
+    """The kernel's layout: CPU fp32 rows with unit column stride, int32 indices."""
+    return (c.y.device.type == "cpu" and c.y.dtype == torch.float32 and c.x.dtype == torch.float32
+            and c.y.stride(1) == 1 and c.x.stride(1) == 1 and c.col.dtype == torch.int32
+            and c.crow.dtype == torch.int32 and c.lrow.dtype == torch.uint8)
+
+
+def csr_add(corrections: Sequence[Correction]) -> None:
+    """Apply every correction in place (one layer, several models); each must pass `fits`."""
+    assert _lib is not None and all(fits(c) for c in corrections)
+    segs = (_Seg * len(corrections))(*[
+        _Seg(c.y.shape[0], c.y.shape[1], c.x.shape[1], c.x.stride(0), c.y.stride(0), c.crow.data_ptr(),
+             c.col.data_ptr(), c.val.data_ptr(), c.x.data_ptr(), c.y.data_ptr(), c.lrow.data_ptr())
+        for c in corrections])
+    units = [(i, t) for i, c in enumerate(corrections) for t in range(0, c.y.shape[0], TJ)]
+    if not units:
         return
-    mid = out // 2  # halves write disjoint columns of y
-    acc2 = torch.empty(n)
-    future = _pool.submit(lib.csr_add_xt, mid, out, *args, acc2.data_ptr())
-    acc = torch.empty(n)
-    lib.csr_add_xt(0, mid, *args, acc.data_ptr())
+    n = len(units)
+    useg = (ctypes.c_int64 * n)(*[u[0] for u in units])
+    urow = (ctypes.c_int64 * n)(*[u[1] for u in units])
+    cost = [(c.val.numel() + c.x.shape[1] + c.y.shape[1]) * TJ for c in corrections]
+    work = [cost[i] for i, _ in units]  # per unit
+    width = max(c.x.shape[1] for c in corrections) * TJ
+    _run_units(segs, useg, urow, work, width)
+    del corrections  # the tensors behind the pointers stay alive until the units are done
+
+
+def _run_units(segs: ctypes.Array, useg: ctypes.Array, urow: ctypes.Array, work: list[int],
+               width: int) -> None:
+    """Run units [0, n) in this thread, or split at half the work with the pool's thread."""
+    lib, n = _lib, len(work)
+    assert lib is not None
+    total = sum(work)
+    if total < _PARALLEL_WORK or torch.get_num_threads() < 2 or n < 2:
+        xt = torch.empty(width)
+        lib.csr_add_units(segs, useg, urow, 0, n, xt.data_ptr())
+        return
+    mid, acc = 1, work[0]
+    while mid < n - 1 and 2 * (acc + work[mid]) <= total:
+        acc, mid = acc + work[mid], mid + 1
+    xt2 = torch.empty(width)
+    future = _pool.submit(lib.csr_add_units, segs, useg, urow, mid, n, xt2.data_ptr())
+    xt = torch.empty(width)
+    lib.csr_add_units(segs, useg, urow, 0, mid, xt.data_ptr())
     future.result()
-    del xt  # alive until both halves are done

@@ -103,6 +103,8 @@ def adapt(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    val_images: Sequence[Any] = (),
+    val_labels: Sequence[int] = (),
     **hparams: Any,
 ) -> AdaptResult:
     """Adapt `base` (a sparseshot.BaseModel) to `classes` from labelled images.
@@ -110,13 +112,18 @@ def adapt(
     images: PIL images (converted to RGB); labels: indices into classes; method: "so" | "lora" |
     "zeroshot" (no training, images may be empty). hparams: see `hparam_defaults(method)` and
     sparseshot.configs. Raises ValueError on bad inputs or hyperparameters and `Cancelled` when
-    should_stop() is True.
+    should_stop() is True. val_images / val_labels: held-out examples (see sparseshot.validation),
+    never trained on; their accuracy is reported as Progress.val_accuracy and metrics["val_accuracy"].
     """
     hp = _checked(base, images, labels, classes, method, seed, hparams)
+    if len(val_images) != len(val_labels):
+        raise ValueError(f"{len(val_images)} validation images but {len(val_labels)} labels")
+    if val_labels:
+        _check_inputs(val_images, val_labels, classes, method)
     if method == "zeroshot":
         return _zeroshot(base, classes, hp)
     run = Run(base, list(images), [int(y) for y in labels], list(classes), method, hp,
-              on_progress, should_stop, checkpoint)
+              on_progress, should_stop, checkpoint, val=(list(val_images), [int(y) for y in val_labels]))
     return run.execute()
 
 

@@ -53,7 +53,10 @@ LINEAR_SUFFIXES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weig
 # torch.sparse.mm reaches ~1/10 of a dense GEMM's throughput per stored entry).
 SPARSE_COST = 10.0
 LOWRANK_COST = 1.5  # per multiply-add of the two thin products (small GEMMs run below peak)
-DENSE_CACHE_BYTES = 256 * 1024 * 1024
+DENSE_CACHE_BYTES = 512 * 1024 * 1024  # holds every linear layer of one ViT-B vision tower (340 MB)
+# Forwards in a row that one model has alone (its rows are the whole batch) before its layers run
+# on dense adapted weights: then the model costs exactly the base's product, no correction at all.
+SOLO_STREAK = 3
 
 _keys = itertools.count()
 
@@ -76,6 +79,13 @@ class LinearDelta:
     nnz: int
     lowrank: list[tuple[int, Tensor, Tensor, float]]  # (row_start, B (rows, r), A (r, in), scale)
     dense: bool = False  # the cost model prefers a dense adapted weight for this layer
+    lrow: Tensor | None = None  # (nnz,) uint8 rows within the kernel's row blocks (CPU int32 CSR only)
+
+    def __post_init__(self) -> None:
+        csr = self.csr
+        if self.lrow is None and csr is not None and csr.device.type == "cpu" \
+                and csr.crow_indices().dtype == torch.int32:
+            self.lrow = kernels.local_rows(csr.crow_indices())
 
     @property
     def nbytes(self) -> int:
@@ -83,6 +93,8 @@ class LinearDelta:
         if self.csr is not None:
             parts = (self.csr.crow_indices(), self.csr.col_indices(), self.csr.values())
             total += sum(t.numel() * t.element_size() for t in parts)
+        if self.lrow is not None:
+            total += self.lrow.numel()
         for _, b, a, _ in self.lowrank:
             total += (b.numel() + a.numel()) * 4
         return total
@@ -92,14 +104,20 @@ class LinearDelta:
         lr = sum(a.shape[0] * (a.shape[1] + b.shape[0]) for _, b, a, _ in self.lowrank)
         return self.nnz * SPARSE_COST + lr * LOWRANK_COST
 
-    def correct(self, x: Tensor, y: Tensor) -> None:
-        """y += x Δᵀ in place; x (n, in), y (n, out), both views of this model's rows."""
-        x32 = x.float()
+    def kernel_part(self, x: Tensor, y: Tensor) -> kernels.Correction | None:
+        """The CSR part of y += x Δᵀ as a compiled-kernel job, None when the kernel cannot take it."""
         csr = self.csr
-        if csr is not None and _use_kernel(csr, y):
-            kernels.csr_add(y, x32, csr.crow_indices(), csr.col_indices(), csr.values())
-        elif csr is not None:
-            y += torch.sparse.mm(csr, x32.t().contiguous()).t().to(y.dtype)  # (n, out)
+        if csr is None or self.lrow is None or not kernels.available():
+            return None
+        c = kernels.Correction(y, x, csr.crow_indices(), csr.col_indices(), csr.values(), self.lrow)
+        return c if kernels.fits(c) else None
+
+    def correct(self, x: Tensor, y: Tensor, *, csr: bool = True) -> None:
+        """y += x Δᵀ in place (the CSR part only when `csr`); x (n, in), y (n, out), views of one
+        model's rows."""
+        x32 = x.float()
+        if csr and self.csr is not None:
+            y += torch.sparse.mm(self.csr, x32.t().contiguous()).t().to(y.dtype)  # (n, out)
         for row_start, b, a, scale in self.lowrank:
             rows = slice(row_start, row_start + b.shape[0])
             y[:, rows] += (scale * (x32 @ a.t()) @ b.t()).to(y.dtype)  # (n, rows)
@@ -134,12 +152,6 @@ class PreparedDelta:
     @property
     def touches_weights(self) -> bool:
         return bool(self.linears or self.overrides)
-
-
-def _use_kernel(csr: Tensor, y: Tensor) -> bool:
-    """The compiled CPU kernel fits: fp32 output on CPU with unit column stride, int32 indices."""
-    return (y.device.type == "cpu" and y.dtype == torch.float32 and y.stride(1) == 1
-            and csr.col_indices().dtype == torch.int32 and kernels.available())
 
 
 def _is_linear(name: str) -> bool:
@@ -254,42 +266,74 @@ def prepare(
 
 
 class DenseWeights:
-    """LRU of adapted dense weights, keyed by (prepared delta, layer), under a byte budget."""
+    """LRU of adapted dense weights, keyed by (prepared delta, layer), under a byte budget.
+
+    An entry used by the current or the previous forward is never evicted to make room: when a
+    model's layers do not all fit, it keeps those it has and runs the others sparse, instead of
+    evicting its own earlier layers on every forward (the thrash of a cyclic scan through an LRU)."""
 
     def __init__(self, budget_bytes: int = DENSE_CACHE_BYTES) -> None:
         self.budget_bytes = int(budget_bytes)
-        self._items: OrderedDict[tuple[int, str], Tensor] = OrderedDict()
+        self._items: OrderedDict[tuple[int, str], tuple[Tensor, int]] = OrderedDict()  # -> (W, forward)
         self._bytes = 0
+        self._forward = 0  # forwards started (the clock of "recently used")
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
         return self._bytes
 
-    def get(self, key: tuple[int, str], nbytes: int, build: Callable[[], Tensor]) -> Tensor | None:
-        """The cached tensor, or build() it when `nbytes` can fit; None when it never can."""
+    def tick(self) -> int:
+        """Start a forward: its number, passed to `get`."""
+        with self._lock:
+            self._forward += 1
+            return self._forward
+
+    def get(self, key: tuple[int, str], nbytes: int, build: Callable[[], Tensor],
+            forward: int) -> Tensor | None:
+        """The cached tensor, or build() it when `nbytes` can be made room for; else None."""
         if nbytes > self.budget_bytes:
             return None
         with self._lock:
             hit = self._items.get(key)
             if hit is not None:
+                self._items[key] = (hit[0], forward)
                 self._items.move_to_end(key)
-                return hit
+                return hit[0]
+            if not self._make_room(nbytes, forward):
+                return None
         tensor = build()  # outside the lock: a build takes milliseconds
         with self._lock:
-            if key not in self._items:
-                self._items[key] = tensor
+            if key not in self._items and self._make_room(nbytes, forward):
+                self._items[key] = (tensor, forward)
                 self._bytes += nbytes
-            while self._bytes > self.budget_bytes and self._items:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.numel() * old.element_size()
         return tensor
+
+    def _make_room(self, nbytes: int, forward: int) -> bool:
+        """Evict least recently used entries not used by this or the previous forward (lock held)."""
+        while self._bytes + nbytes > self.budget_bytes:
+            oldest = next(iter(self._items), None)
+            if oldest is None or self._items[oldest][1] >= forward - 1:
+                return False
+            old, _ = self._items.pop(oldest)
+            self._bytes -= old.numel() * old.element_size()
+        return True
 
 
 # --------------------------------------------------------------------------------------------------
 # The batched forward
 
 Segment = tuple[PreparedDelta, int, int]  # (model, first row, row after the last)
+
+
+@dataclass
+class _Pass:
+    """One forward: the segments of models that change weights, the dense cache's clock, and whether
+    the batch is one hot model alone (then its dense adapted weights replace the base product)."""
+
+    segs: list[Segment]
+    forward: int
+    solo: bool
 
 
 class ServingEngine:
@@ -303,6 +347,8 @@ class ServingEngine:
         scale = getattr(base.model, "logit_scale", None)
         self.logit_scale = float(scale.exp()) if isinstance(scale, Tensor) else 100.0
         self.dtype = next(base.model.parameters()).dtype
+        self._streak: tuple[int | None, int] = (None, 0)  # (model key, forwards in a row alone)
+        self._streak_lock = threading.Lock()
 
     # ---- public API ------------------------------------------------------------------------------
 
@@ -318,7 +364,17 @@ class ServingEngine:
                 segs.append((prepared, at, at + n))
             at += n
         x = pixels.to(self.base.device, self.dtype)
-        return F.normalize(self._forward(x, segs).float(), dim=-1)
+        return F.normalize(self._forward(x, self._pass(segs, at)).float(), dim=-1)
+
+    def _pass(self, segs: list[Segment], rows: int) -> _Pass:
+        """Count how many forwards in a row one model has had the batch to itself."""
+        alone = segs[0][0] if len(segs) == 1 and segs[0][1:] == (0, rows) else None
+        with self._streak_lock:
+            key = alone.key if alone is not None else None
+            last, streak = self._streak
+            streak = streak + 1 if key is not None and key == last else int(key is not None)
+            self._streak = (key, streak)
+        return _Pass(segs, self.dense.tick(), solo=streak >= SOLO_STREAK)
 
     def probabilities(self, pixels: Tensor, groups: Sequence[tuple[PreparedDelta, int]]) -> list[Tensor]:
         """Per group, (n, C) softmax over logit_scale · cos(image, class) with that model's classes."""
@@ -332,78 +388,85 @@ class ServingEngine:
 
     # ---- the vision tower -------------------------------------------------------------------------
 
-    def _forward(self, pixels: Tensor, segs: list[Segment]) -> Tensor:
+    def _forward(self, pixels: Tensor, ps: _Pass) -> Tensor:
         v = self.visual
-        x = self._embeds(pixels, segs)  # (B, L, width)
+        x = self._embeds(pixels, ps)  # (B, L, width)
         for i, block in enumerate(v.transformer.resblocks):
-            x = self._block(x, block, f"visual.transformer.resblocks.{i}", segs)
+            x = self._block(x, block, f"visual.transformer.resblocks.{i}", ps)
         if v.final_ln_after_pool:
             pooled, _ = v._global_pool(x)
-            pooled = self._norm(pooled, v.ln_post, "visual.ln_post", segs)
+            pooled = self._norm(pooled, v.ln_post, "visual.ln_post", ps)
         else:
-            pooled, _ = v._global_pool(self._norm(x, v.ln_post, "visual.ln_post", segs))
+            pooled, _ = v._global_pool(self._norm(x, v.ln_post, "visual.ln_post", ps))
         if v.proj is None:
             return pooled
         out = pooled @ v.proj  # (B, D)
-        for p, a, z in segs:
+        for p, a, z in ps.segs:
             proj = p.overrides.get("visual.proj")
             if proj is not None:
                 out[a:z] = pooled[a:z] @ proj
         return out
 
-    def _embeds(self, pixels: Tensor, segs: list[Segment]) -> Tensor:
+    def _embeds(self, pixels: Tensor, ps: _Pass) -> Tensor:
         v = self.visual
         conv = v.conv1
         x = conv(pixels)  # (B, width, g, g)
-        for p, a, z in segs:
+        for p, a, z in ps.segs:
             w = p.overrides.get("visual.conv1.weight")
             if w is not None:
                 x[a:z] = F.conv2d(pixels[a:z], w, conv.bias, conv.stride, conv.padding)
         x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, g², width)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (B, 1, width)
         t = torch.cat([cls, x], dim=1)  # (B, L, width)
-        for p, a, z in segs:
+        for p, a, z in ps.segs:
             c = p.overrides.get("visual.class_embedding")
             if c is not None:
                 t[a:z, 0] = c.to(t.dtype)
         x = t + v.positional_embedding.to(t.dtype)
-        for p, a, z in segs:
+        for p, a, z in ps.segs:
             pos = p.overrides.get("visual.positional_embedding")
             if pos is not None:
                 x[a:z] = t[a:z] + pos.to(t.dtype)
-        return self._norm(v.patch_dropout(x), v.ln_pre, "visual.ln_pre", segs)
+        return self._norm(v.patch_dropout(x), v.ln_pre, "visual.ln_pre", ps)
 
-    def _block(self, x: Tensor, block: Any, name: str, segs: list[Segment]) -> Tensor:
-        h = self._attention(self._norm(x, block.ln_1, f"{name}.ln_1", segs), block.attn, f"{name}.attn", segs)
-        x = x + self._scale(h, block.ls_1, f"{name}.ls_1", segs)
+    def _block(self, x: Tensor, block: Any, name: str, ps: _Pass) -> Tensor:
+        h = self._attention(self._norm(x, block.ln_1, f"{name}.ln_1", ps), block.attn, f"{name}.attn", ps)
+        x = x + self._scale(h, block.ls_1, f"{name}.ls_1", ps)
         mlp = block.mlp
-        h = self._linear(self._norm(x, block.ln_2, f"{name}.ln_2", segs), mlp.c_fc, f"{name}.mlp.c_fc", segs)
-        h = self._linear(mlp.gelu(h), mlp.c_proj, f"{name}.mlp.c_proj", segs)
-        return x + self._scale(h, block.ls_2, f"{name}.ls_2", segs)
+        h = self._linear(self._norm(x, block.ln_2, f"{name}.ln_2", ps), mlp.c_fc, f"{name}.mlp.c_fc", ps)
+        h = self._linear(mlp.gelu(h), mlp.c_proj, f"{name}.mlp.c_proj", ps)
+        return x + self._scale(h, block.ls_2, f"{name}.ls_2", ps)
 
-    def _attention(self, x: Tensor, attn: Any, name: str, segs: list[Segment]) -> Tensor:
+    def _attention(self, x: Tensor, attn: Any, name: str, ps: _Pass) -> Tensor:
         n, length, e = x.shape
         qkv = self._affine(x, attn.in_proj_weight, attn.in_proj_bias, f"{name}.in_proj_weight",
-                           f"{name}.in_proj_bias", segs)  # (B, L, 3E)
+                           f"{name}.in_proj_bias", ps)  # (B, L, 3E)
         h, hd = attn.num_heads, attn.head_dim
         q, k, v = (t.reshape(n, length, h, hd).transpose(1, 2) for t in qkv.split(e, dim=-1))  # (B, H, L, hd)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, length, e)  # (B, L, E)
-        return self._linear(o, attn.out_proj, f"{name}.out_proj", segs)
+        return self._linear(o, attn.out_proj, f"{name}.out_proj", ps)
 
     # ---- per-model corrections ----------------------------------------------------------------------
 
-    def _linear(self, x: Tensor, lin: Any, name: str, segs: list[Segment]) -> Tensor:
-        return self._affine(x, lin.weight, lin.bias, f"{name}.weight", f"{name}.bias", segs)
+    def _linear(self, x: Tensor, lin: Any, name: str, ps: _Pass) -> Tensor:
+        return self._affine(x, lin.weight, lin.bias, f"{name}.weight", f"{name}.bias", ps)
 
     def _affine(self, x: Tensor, w: Tensor, b: Tensor | None, wname: str, bname: str,
-                segs: list[Segment]) -> Tensor:
-        """x (B, ..., in) -> (B, ..., out): base product for all rows, then each model's correction."""
+                ps: _Pass) -> Tensor:
+        """x (B, ..., in) -> (B, ..., out): the base product for all rows, then each model's
+        correction on its rows (the CSR parts of all models in one kernel call). A hot model alone
+        in the batch, or a layer the cost model marks dense, runs on its dense adapted weight."""
+        if ps.solo:
+            y = self._solo_dense(x, w, b, wname, bname, ps)
+            if y is not None:
+                return y
         y = F.linear(x, w, b)
-        for p, a, z in segs:
+        jobs: list[kernels.Correction] = []
+        for p, a, z in ps.segs:
             delta, bias = p.linears.get(wname), p.overrides.get(bname)
             if delta is None and bias is None:
                 continue
-            dense = self._dense_weight(p, delta, w) if delta is not None and delta.dense else None
+            dense = self._dense_weight(p, delta, w, ps) if delta is not None and delta.dense else None
             if dense is not None:
                 y[a:z] = F.linear(x[a:z], dense, bias if bias is not None else b)
                 continue
@@ -411,17 +474,35 @@ class ServingEngine:
             if bias is not None:
                 ys += (bias - b) if b is not None else bias
             if delta is not None:
-                delta.correct(x[a:z].reshape(-1, w.shape[1]), ys)
+                xs = x[a:z].reshape(-1, w.shape[1])  # (rows·L, in)
+                job = delta.kernel_part(xs, ys)
+                if job is not None:
+                    jobs.append(job)
+                delta.correct(xs, ys, csr=job is None)
+        if jobs:
+            kernels.csr_add(jobs)
         return y
 
-    def _dense_weight(self, p: PreparedDelta, delta: LinearDelta, w: Tensor) -> Tensor | None:
-        return self.dense.get((p.key, delta.name), w.numel() * w.element_size(), lambda: delta.adapted(w))
+    def _solo_dense(self, x: Tensor, w: Tensor, b: Tensor | None, wname: str, bname: str,
+                    ps: _Pass) -> Tensor | None:
+        """The whole batch through the one model's dense adapted weight; None when it has no Δ for
+        this layer or the weight does not fit the cache (then the correction path runs)."""
+        p = ps.segs[0][0]
+        delta, bias = p.linears.get(wname), p.overrides.get(bname)
+        dense = self._dense_weight(p, delta, w, ps) if delta is not None else None
+        if dense is None:
+            return None
+        return F.linear(x, dense, bias if bias is not None else b)
 
-    def _norm(self, x: Tensor, ln: Any, name: str, segs: list[Segment]) -> Tensor:
+    def _dense_weight(self, p: PreparedDelta, delta: LinearDelta, w: Tensor, ps: _Pass) -> Tensor | None:
+        return self.dense.get((p.key, delta.name), w.numel() * w.element_size(), lambda: delta.adapted(w),
+                              ps.forward)
+
+    def _norm(self, x: Tensor, ln: Any, name: str, ps: _Pass) -> Tensor:
         y = ln(x)
         if isinstance(ln, nn.Identity):
             return y
-        for p, a, z in segs:
+        for p, a, z in ps.segs:
             w, b = p.overrides.get(f"{name}.weight"), p.overrides.get(f"{name}.bias")
             if w is not None or b is not None:
                 w = ln.weight if w is None else w
@@ -429,12 +510,12 @@ class ServingEngine:
                 y[a:z] = F.layer_norm(x[a:z], ln.normalized_shape, w, b, ln.eps).to(y.dtype)
         return y
 
-    def _scale(self, x: Tensor, ls: Any, name: str, segs: list[Segment]) -> Tensor:
+    def _scale(self, x: Tensor, ls: Any, name: str, ps: _Pass) -> Tensor:
         """LayerScale (x · gamma) or identity, with per-model gammas."""
         if isinstance(ls, nn.Identity):
             return x
         y = x * ls.gamma
-        for p, a, z in segs:
+        for p, a, z in ps.segs:
             g = p.overrides.get(f"{name}.gamma")
             if g is not None:
                 y[a:z] = x[a:z] * g

@@ -42,6 +42,9 @@ __all__ = ["SO_WEIGHTS", "AdaptResult", "Cancelled", "Progress", "Run", "planned
 # Per block, the weights the SO recipe trains (names relative to a residual block).
 SO_WEIGHTS = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 PROGRESS_EVERY_S = 0.5
+# A validation pass runs at a progress report only once training has run VAL_COST_FACTOR times as
+# long as the previous pass took (and always at the final report): at most ~1/VAL_COST_FACTOR overhead.
+VAL_COST_FACTOR = 10
 FINAL_LR = 1e-6
 
 
@@ -58,6 +61,7 @@ class Progress:
     eta_seconds: float  # estimated seconds left for the planned steps
     lr: float | None = None  # learning rate of the step just taken (first param group)
     elapsed_seconds: float | None = None  # training seconds so far (across resumes)
+    val_accuracy: float | None = None  # on the held-out images, when measured at this report
 
 
 @dataclass
@@ -131,8 +135,13 @@ class Run:
 
     def __init__(self, base: Any, images: list[Any], labels: list[int], classes: list[str], method: str,
                  hp: dict[str, Any], on_progress: Callable[[Progress], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, checkpoint: Any = None) -> None:
+                 should_stop: Callable[[], bool] | None = None, checkpoint: Any = None,
+                 val: tuple[list[Any], list[int]] | None = None) -> None:
         self.base, self.images, self.labels, self.classes = base, images, labels, classes
+        # Held-out images (never trained on) and their labels; accuracy reported as val_accuracy.
+        self.val_images, val_labels = val if val is not None and val[0] else ([], [])
+        self.val_labels_t = torch.tensor(val_labels, dtype=torch.long)
+        self.val_cost, self.val_done_at = 0.0, -math.inf  # seconds of the last pass, when it ended
         self.method, self.hp = method, hp
         self.on_progress, self.should_stop = on_progress, should_stop
         self.ckpt = CheckpointFile(checkpoint, run_key(method, hp, classes, labels, base.fingerprint, images))
@@ -398,7 +407,7 @@ class Run:
             now = time.perf_counter()
             final = stop_early or self.step == end
             if self.on_progress is not None and (final or now - last_report >= PROGRESS_EVERY_S):
-                self.on_progress(self._progress(now - t_start))
+                self.on_progress(self._progress(now - t_start, final=final))
                 last_report = now
             if epoch_end:
                 self.last_epoch = (sum(self.epoch_loss) / len(self.epoch_loss),
@@ -418,7 +427,7 @@ class Run:
             return False
         return sum(self.epoch_loss) / len(self.epoch_loss) < self.hp["early_stop_loss"]
 
-    def _progress(self, elapsed: float) -> Progress:
+    def _progress(self, elapsed: float, final: bool = False) -> Progress:
         done_now = max(1, self.step - self.start_step)
         rate = (elapsed - self.start_elapsed) / done_now  # seconds per step in this process
         loss = sum(self.epoch_loss) / max(1, len(self.epoch_loss))
@@ -426,22 +435,36 @@ class Run:
         planned = self._planned()
         eta = max(0.0, rate * (planned - self.step))
         lr = float(self.opt.param_groups[0]["lr"])
-        return Progress(self.step, planned, loss, acc, eta, lr, elapsed)
+        return Progress(self.step, planned, loss, acc, eta, lr, elapsed, self._val_if_due(final))
+
+    def _val_if_due(self, final: bool) -> float | None:
+        """Accuracy on the held-out images when a pass is due (see VAL_COST_FACTOR), else None."""
+        now = time.perf_counter()
+        if not self.val_images or not (final or now - self.val_done_at >= VAL_COST_FACTOR * self.val_cost):
+            return None
+        self.model.eval()  # no dropout; eval preprocessing draws no random numbers
+        try:
+            acc = self._accuracy(self.val_images, self.val_labels_t)
+        finally:
+            self.model.train()
+        self.val_done_at = time.perf_counter()
+        self.val_cost = self.val_done_at - now
+        return acc
 
     # ---- result ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _train_accuracy(self) -> float:
-        """Accuracy of the adapted model on the (non-augmented) training images."""
+    def _accuracy(self, images: list[Any], labels: Tensor) -> float:
+        """Top-1 accuracy of the adapted model on (non-augmented) images with labels (n,)."""
         txt = text_features(self.model, self.tokens)
         correct = 0
-        for s in range(0, len(self.images), 64):
-            chunk = self.images[s:s + 64]
+        for s in range(0, len(images), 64):
+            chunk = images[s:s + 64]
             x = torch.stack([self.base.preprocess_eval(im) for im in chunk]).to(self.device)
             img = F.normalize(self.model.encode_image(x), dim=-1)
             pred = (img.float() @ txt.float().t()).argmax(1).cpu()
-            correct += int((pred == self.labels_t[s:s + 64]).sum())
-        return correct / len(self.images)
+            correct += int((pred == labels[s:s + 64]).sum())
+        return correct / len(images)
 
     def _result(self) -> AdaptResult:
         from sparseshot.delta import CLASS_EMBEDDINGS, SparseDelta
@@ -465,10 +488,13 @@ class Run:
             "epochs": self.step / self.steps_per_epoch,
             "stopped_early": self.stopped_early,
             "final_loss": last_loss,
-            "train_accuracy": self._train_accuracy(),
+            "train_accuracy": self._accuracy(self.images, self.labels_t),
             "train_seconds": self.elapsed,
             "nnz": delta.nnz,
         }
+        if self.val_images:  # the final model on the held-out images
+            metrics.update(val_accuracy=self._accuracy(self.val_images, self.val_labels_t),
+                           val_images=len(self.val_images), train_images=len(self.images))
         if self.method == "so":
             trained = sum(p.numel() for p in self.trainable.values())
             metrics.update(trained_entries=trained, delta_fraction=delta.nnz / max(1, trained),

@@ -95,7 +95,7 @@ def _claim_of(runtime: Runtime, job_id: str, worker: str) -> Claim:
         job = s.get(Job, job_id)
         assert job is not None
         return Claim(job.id, worker, job.attempts, job.tenant_id, job.dataset_id, job.method,
-                     job.base_model, dict(job.params or {}))
+                     job.base_model, dict(job.params or {}), job.validation)
 
 
 def wake_waiting(runtime: Runtime, claim: Claim) -> None:

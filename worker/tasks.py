@@ -144,6 +144,20 @@ def _run_claimed(claim: Claim, runtime: Runtime) -> str:
     return "skipped"
 
 
+Examples = tuple[list[Any], list[int]]
+
+
+def _split(claim: Claim, images: list[Any], labels: list[int]) -> tuple[Examples, Examples]:
+    """(training, held-out) images and labels under the job's validation option (none: all train)."""
+    if not claim.validation:
+        return (images, labels), ([], [])
+    from sparseshot.validation import holdout_split
+
+    split = holdout_split(labels, claim.validation, seed=int(claim.params.get("seed", 0)))
+    return (([images[i] for i in split.train], [labels[i] for i in split.train]),
+            ([images[i] for i in split.val], [labels[i] for i in split.val]))
+
+
 def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tuple[str, str | None]:
     """(status, error): succeeded / cancelled / failed / lost."""
     # sparseshot (torch) only in the pool process that trains: the main process stays light.
@@ -156,11 +170,14 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
         history.record_environment(claim=claim, device=getattr(base, "device", None), engine=runtime.engine)
         if watcher.should_stop():
             raise sparseshot.Cancelled()
+        train, val = _split(claim, images, labels)
         result = sparseshot.adapt(
-            base, images, labels, classes, claim.method,
+            base, *train, classes, claim.method,
             on_progress=progress_writer(claim, runtime), should_stop=watcher.should_stop,
-            checkpoint=str(ckpt), **claim.params,
+            checkpoint=str(ckpt), val_images=val[0], val_labels=val[1], **claim.params,
         )
+        if claim.validation and not val[0]:  # the dataset shrank since the submit
+            result.metrics["val_images"] = 0
     except sparseshot.Cancelled:
         return ("lost", None) if watcher.lost.is_set() else ("cancelled", None)
     except JobError as e:

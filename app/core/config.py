@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     max_classes: int = Field(default=1000, gt=0)
     max_class_name_chars: int = Field(default=200, gt=0)
     max_top_k: int = Field(default=100, gt=0)
+    # Labelled images one evaluation classifies (it runs inside the request; over it: 413).
+    max_evaluation_images: int = Field(default=500, gt=0)
     # Decoded images are reduced to this shorter side before they are held (>= the base's input size).
     image_decode_side: int = Field(default=448, ge=32)
     # Request bodies, refused (413) from Content-Length or cut off while streaming, before parsing.
@@ -56,7 +58,7 @@ class Settings(BaseSettings):
     serving_queue_images: int = Field(default=512, gt=0)  # queued images before 503 + Retry-After
     serving_batch_window_s: float = Field(default=0.002, ge=0)  # an idle scheduler waits this long
     serving_loader_threads: int = Field(default=2, gt=0)  # threads preparing cold models
-    serving_dense_cache_bytes: int = Field(default=256 * MB, ge=0)  # dense weights of dense layers
+    serving_dense_cache_bytes: int = Field(default=512 * MB, ge=0)  # dense weights: dense layers, hot models
     serving_timeout_s: float = Field(default=120.0, gt=0)  # longest a classify request waits
     serving_retry_after_s: int = Field(default=1, ge=0)
     progress_interval_s: float = Field(default=1.0, gt=0)

@@ -47,6 +47,7 @@ class Claim:
     method: str
     base_model: str
     params: dict[str, Any]
+    validation: dict[str, Any] | None = None  # the job's validation split option
 
 
 def _changed(session: Session, *where: Any, **values: Any) -> bool:

@@ -4,7 +4,8 @@ The worker's progress callback hands each `sparseshot.Progress` to a `HistoryRec
 keeps at most one point per `history_every_steps` steps (widened so that a job keeps at most
 `MAX_POINTS`) plus the final step. A point is written only while the job is still running under
 the recording attempt; a resumed attempt first drops the points past its resume step, so the
-curve stays one increasing sequence of steps.
+curve stays one increasing sequence of steps. A point's `val_accuracy` is that of the latest
+validation pass (jobs with a `validation` split) since the previous point, null when none ran.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class HistoryRecorder:
         self.every_steps = max(1, every_steps)
         self.engine = engine
         self.last_step: int | None = None  # last step written by this attempt
+        # The latest validation pass since the last point written (passes need not fall on a point).
+        self.pending_val: float | None = None
 
     def _due(self, step: int, total: int | None) -> bool:
         every = max(self.every_steps, math.ceil((total or 0) / MAX_POINTS))
@@ -54,11 +57,13 @@ class HistoryRecorder:
 
     def __call__(self, p: Any) -> None:
         step = int(p.step)
+        if getattr(p, "val_accuracy", None) is not None:
+            self.pending_val = p.val_accuracy
         if not self._due(step, p.total_steps):
             return
         try:
             if self._write(p, step):
-                self.last_step = step
+                self.last_step, self.pending_val = step, None
         except Exception as e:  # the history must never stop a training
             log.warning("job %s history write failed: %s", self.job_id, e)
 
@@ -70,7 +75,7 @@ class HistoryRecorder:
                 s.execute(delete(JobHistory).where(JobHistory.job_id == self.job_id, JobHistory.step >= step))
             s.add(JobHistory(
                 job_id=self.job_id, step=step, loss=_f(p.loss), train_accuracy=_f(p.train_accuracy),
-                lr=_f(getattr(p, "lr", None)), val_accuracy=_f(getattr(p, "val_accuracy", None)),
+                lr=_f(getattr(p, "lr", None)), val_accuracy=_f(self.pending_val),
                 elapsed_s=_f(getattr(p, "elapsed_seconds", None))))
         return True
 

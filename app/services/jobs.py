@@ -80,6 +80,7 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         raise InvalidInput(f"every class needs at least one image; none for: {', '.join(empty)}")
+    validation = _validation(body.validation, counts)
     quotas.check_steps(tenant=tenant, settings=settings, hparams=params, n_images=sum(counts.values()),
                        n_classes=len(counts))
     estimate = estimate_seconds(settings=settings, base_model=base_model, method=body.method, params=params,
@@ -87,10 +88,24 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     quotas.check_new_job(session=session, tenant=tenant, settings=settings)  # locks until the commit
     job = lifecycle.create(session, tenant_id=tenant.id, dataset_id=dataset.id, method=body.method,
                            base_model=base_model, params=params)
-    job.preset, job.estimated_seconds = body.preset, estimate
+    job.preset, job.estimated_seconds, job.validation = body.preset, estimate, validation
     session.commit()
     _enqueue(session, queue, job)
     return job
+
+
+def _validation(option: dict | None, counts: dict[str, int]) -> dict | None:
+    """The normalised validation option; 422 when it is malformed or no class can hold an image out."""
+    from sparseshot.validation import MIN_TRAIN, held_out_count, parse_validation
+
+    try:
+        parsed = parse_validation(option)
+    except ValueError as e:
+        raise InvalidInput(str(e)) from None
+    if parsed is not None and not any(held_out_count(n, parsed) for n in counts.values()):
+        raise InvalidInput(f"validation: no class has more than {MIN_TRAIN} images, so none can be held out "
+                           "(cross-validation of small datasets is not available)")
+    return parsed
 
 
 def _enqueue(session: Session, queue: Queue, job: Job) -> None:
@@ -145,8 +160,9 @@ def to_public(job: Job) -> JobPublic:
     )  # fmt: skip
     return JobPublic(
         id=job.id, dataset_id=job.dataset_id, method=job.method, base_model=job.base_model,
-        params=job.params, preset=job.preset, estimated_seconds=job.estimated_seconds, device=job.device,
-        versions=job.versions, status=JobStatus(job.status), cancel_requested=job.cancel_requested,
+        params=job.params, preset=job.preset, validation=job.validation,
+        estimated_seconds=job.estimated_seconds, device=job.device, versions=job.versions,
+        status=JobStatus(job.status), cancel_requested=job.cancel_requested,
         progress=progress, attempts=job.attempts, model_id=job.model_id, error=job.error,
         created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
     )  # fmt: skip

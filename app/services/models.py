@@ -4,6 +4,7 @@ classify, delete."""
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,6 +186,52 @@ def delete_model(*, session: Session, storage: Storage, tenant: Tenant, model_id
     objects.remove_unreferenced(session=session, storage=storage, keys=[key])
 
 
+Threshold = float | dict[str, float | None]
+_THRESHOLD_FORM = "threshold must be a number in [0, 1] or a JSON object of class -> number in [0, 1]"
+
+
+def parse_threshold(text: str | None, classes: list[str]) -> Threshold | None:
+    """classify's `threshold` form field: a number in [0, 1], or a JSON object of class -> number in
+    [0, 1] or null (a class left out or null is not cut). None when absent or empty; 422 otherwise."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidInput(_THRESHOLD_FORM) from None
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(classes))
+        if unknown:
+            raise InvalidInput(f"threshold names classes the model does not have: {', '.join(unknown[:10])}")
+        if not all(v is None or _unit(v) for v in value.values()):
+            raise InvalidInput("every per-class threshold must be a number in [0, 1] or null")
+        return {k: (None if v is None else float(v)) for k, v in value.items()}
+    if not _unit(value):
+        raise InvalidInput(_THRESHOLD_FORM)
+    return float(value)
+
+
+def _unit(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0
+
+
+def _cut(labels: list[dict[str, Any]], threshold: Threshold) -> list[dict[str, Any]]:
+    """The labels (best first) whose score reaches their threshold."""
+    def bar(label: str) -> float:
+        t = threshold.get(label) if isinstance(threshold, dict) else threshold
+        return 0.0 if t is None else t
+
+    return [ls for ls in labels if ls["score"] >= bar(ls["label"])]
+
+
+def check_servable(*, model: Model, storage: Storage) -> None:
+    """409 unless the model is ready and its delta file is there."""
+    if model.status != "ready":
+        raise ModelNotReady(f"model {model.id} is {model.status}, not ready")
+    if not storage.exists(model.delta_key):
+        raise ModelNotReady(f"the delta file of model {model.id} is not available")
+
+
 def classify(
     *,
     session: Session,
@@ -194,15 +241,15 @@ def classify(
     model_id: str,
     files: list[Upload],
     top_k: int,
+    threshold: str | None = None,
 ) -> ClassifyPublic:
-    """Top-k labels per image. Any bad image fails the request (422) listing every rejection."""
+    """Top-k labels per image, those under `threshold` (see parse_threshold) dropped; an image
+    with none left is `unknown`. Any bad image fails the request (422) listing every rejection."""
     from app.services import inference
 
     model = get_model(session=session, tenant=tenant, model_id=model_id)
-    if model.status != "ready":
-        raise ModelNotReady(f"model {model.id} is {model.status}, not ready")
-    if not storage.exists(model.delta_key):
-        raise ModelNotReady(f"the delta file of model {model.id} is not available")
+    check_servable(model=model, storage=storage)
+    cut = parse_threshold(threshold, list(model.classes))
     if not files:
         raise InvalidInput("no images: send one or more 'files'")
     if len(files) > settings.max_files_per_request:
@@ -224,6 +271,9 @@ def classify(
     with inference.serving_errors(model.id):
         results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)),
                                      storage=storage)
+    if cut is not None:
+        results = [{**r, "labels": _cut(r["labels"], cut)} for r in results]
+        results = [{**r, "unknown": not r["labels"]} for r in results]
     return ClassifyPublic(predictions=[Prediction.model_validate(r) for r in results])
 
 

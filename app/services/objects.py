@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 from sqlalchemy import delete, insert, select, text
@@ -67,6 +68,22 @@ def pin(*, session: Session, keys: Iterable[str], ttl_s: float | None = None) ->
 def unpin(*, session: Session, pin_id: str) -> None:
     """Release a pin, in the caller's transaction (commit it with the rows that now hold the keys)."""
     session.execute(delete(ObjectPin).where(ObjectPin.pin_id == pin_id))
+
+
+@contextmanager
+def pinned(*, session: Session, storage: Storage, keys: Iterable[str]) -> Iterator[None]:
+    """Hold `keys` while the block writes objects derived from them (an export of a delta): a
+    deleter keeps them meanwhile, and on exit those whose rows went in the meantime are removed,
+    derived objects included. The session must have no pending work."""
+    keys = sorted(set(keys))
+    pin_id = pin(session=session, keys=keys)
+    try:
+        yield
+    finally:
+        session.rollback()
+        unpin(session=session, pin_id=pin_id)
+        session.commit()
+        remove_unreferenced(session=session, storage=storage, keys=keys)
 
 
 def put(*, session: Session, storage: Storage, data: bytes, ttl_s: float | None = None) -> str:

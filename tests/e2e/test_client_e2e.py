@@ -90,3 +90,33 @@ def test_client_train_history_events_and_delta(server, tmp_path: Path) -> None:
         preds = c.classify(job.model_id, sorted((root / "query").glob("*.png")), top_k=3)
         assert len(preds) == 3 and all(len(p["labels"]) == 3 for p in preds)
         assert os.path.exists(delta)
+
+
+def test_client_validation_split_evaluate_and_threshold(server, tmp_path: Path) -> None:
+    from sparseshot import sample_data
+
+    api, env = server
+    with Client(api.base, _create_key(env)) as c:
+        root = sample_data.generate(tmp_path / "s", per_class=6, queries=1)
+        ds = c.create_dataset("shapes", list(sample_data.CLASSES))
+        assert len(c.upload(ds, root / "train")["added"]) == 18
+        job = c.train(ds, preset="quick", params={"n_iters": 3, "batch_size": 6},
+                      validation={"holdout_per_class": 2}).wait(timeout=180)
+        assert job.data["validation"] == {"holdout_per_class": 2}
+        metrics = c.get_model(job.model_id)["metrics"]
+        assert metrics["val_images"] == 6 and metrics["train_images"] == 12, metrics
+        assert 0.0 <= metrics["val_accuracy"] <= 1.0
+        points = c.history(job)
+        assert points[-1]["val_accuracy"] is not None, points  # the final report always measures
+
+        ev = c.evaluate(job.model_id, ds)
+        assert ev["n_images"] == 18 and sum(map(sum, ev["confusion_matrix"])) == 18
+        assert sum(m["support"] for m in ev["per_class"].values()) == 18
+        assert c.list_evaluations(job.model_id)[0]["id"] == ev["id"]
+        queries = sorted((root / "query").glob("*.png"))
+        cut = c.classify(job.model_id, queries, top_k=3, threshold=ev["suggested_thresholds"])
+        for p in cut:  # every label kept reaches its class's threshold
+            assert all(lab["score"] >= ev["suggested_thresholds"][lab["label"]] for lab in p["labels"])
+            assert p["unknown"] == (not p["labels"])
+        for p in c.classify(job.model_id, queries, threshold=1.0):  # only a saturated probability passes
+            assert all(lab["score"] >= 1.0 for lab in p["labels"]) and p["unknown"] == (not p["labels"])

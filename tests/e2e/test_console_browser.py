@@ -3,8 +3,8 @@
 A real `sparseshot serve` (embedded worker, tiny random base) on a free loopback port; the test
 drives the whole flow as a person would: key -> dataset -> upload (files and a .zip, with a
 rejected file) -> gallery -> relabel and delete -> training with live progress -> model page ->
-classify a dropped image -> delta download. A screenshot of each page is saved under
-tests/e2e/artifacts/console/ (or $SPARSESHOT_TEST_ARTIFACTS) and its path printed.
+classify a dropped image -> delta download -> evaluation on the dataset. A screenshot of each page
+is saved under tests/e2e/artifacts/console/ (or $SPARSESHOT_TEST_ARTIFACTS) and its path printed.
 """
 
 from __future__ import annotations
@@ -252,6 +252,19 @@ def test_console_whole_flow_in_chromium(tmp_path: Path, procs: list[Proc], brows
     )
     assert size == model["delta"]["bytes"] == len(http.get(f"/v1/models/{model['id']}/delta").content)
     page.shot("04-model-try")
+
+    # Evaluate on the training dataset; the page shows what the API stored.
+    page.text_in("#model-evaluation", "Not evaluated yet.")
+    page.select("#eval-dataset", dataset_id)
+    page.css("#eval-run").click()
+    page.until(lambda: page.all("#eval-confusion"), 120, "evaluation shown")
+    (ev,) = http.get(f"/v1/models/{model['id']}/evaluations").json()
+    assert page.css("[data-evaluation]").get_attribute("data-evaluation") == ev["id"]
+    assert page.css("#eval-accuracy").text == f"{100 * ev['accuracy']:.1f} %" and ev["n_images"] == 13
+    cells = [[int(td.text) for td in tr.find_elements(page.By.TAG_NAME, "td")]
+             for tr in page.all("#eval-confusion tr")[1:]]
+    assert cells == ev["confusion_matrix"]
+    page.shot("05-model-evaluation")
 
 
 def test_docs_render_offline_in_chromium(tmp_path: Path, procs: list[Proc], browser: Any) -> None:  # noqa: F811

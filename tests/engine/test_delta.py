@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -266,3 +267,17 @@ def test_fingerprint_stable_and_sensitive(base: nn.Module) -> None:
         p = base.state_dict(keep_vars=True)[SPARSE_1D]
         p[0] = torch.nextafter(p[0], torch.tensor(1.0))  # one ulp
     assert weights_fingerprint(base) != fp
+
+
+def test_to_bytes_is_a_pure_function_of_the_delta(base: nn.Module) -> None:
+    # safetensors writes its metadata map in hash order; the delta file must not depend on it
+    # (content-addressed storage and "exact duplicate" import checks key on these bytes).
+    delta = SparseDelta.from_models(base, _adapt(base), meta={"classes": ["x", "y"], "template": "{}"})
+    delta.extras["class_embeddings"] = torch.ones(2, 4)
+    first = delta.to_bytes()
+    assert all(delta.to_bytes() == first for _ in range(8))
+    again = SparseDelta.from_bytes(first)
+    assert again.to_bytes() == first  # a loaded delta writes back the identical file
+    header = first[8 : 8 + int.from_bytes(first[:8], "little")]
+    canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    assert header == canonical.ljust(len(header))

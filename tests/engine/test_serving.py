@@ -128,14 +128,68 @@ def test_compiled_kernel_and_torch_sparse_agree(base: BaseModel, monkeypatch) ->
     with_kernel = engine.image_features(pixels, [(p, 2), (None, 1), (p, 2)])
     monkeypatch.setattr(kernels, "available", lambda: False)
     torch.testing.assert_close(engine.image_features(pixels, [(p, 2), (None, 1), (p, 2)]), with_kernel)
-    y, x = torch.zeros(2000, 40), torch.randn(2000, 64)
-    d = torch.zeros(40, 64)
-    d.view(-1)[torch.randperm(d.numel())[:200]] = torch.randn(200)
-    c = d.to_sparse_csr()
     monkeypatch.undo()
-    if kernels.available():  # large enough for the two-thread split
-        kernels.csr_add(y, x, c.crow_indices().int(), c.col_indices().int(), c.values())
-        torch.testing.assert_close(y, x @ d.T, atol=1e-4, rtol=1e-4)
+    if not kernels.available():
+        pytest.skip("no C compiler: the torch.sparse path above is the one in use")
+    # Several models in one call, rows not a multiple of the tile, more than one row block, rows
+    # with no entries, and enough work for the two-thread split.
+    g = torch.Generator().manual_seed(0)
+    jobs, want = [], []
+    for n, out, inn, k in ((2000, 40, 64, 200), (37, 150, 33, 900), (5, 70, 20, 0)):
+        d = torch.zeros(out, inn)
+        d.view(-1)[torch.randperm(d.numel(), generator=g)[:k]] = torch.randn(k, generator=g)
+        d[3] = 0.0
+        c = d.to_sparse_csr()
+        crow, col = c.crow_indices().int(), c.col_indices().int()
+        x, y = torch.randn(n, inn, generator=g), torch.randn(n, out, generator=g)
+        want.append(y + x @ d.T)
+        jobs.append(kernels.Correction(y, x, crow, col, c.values(), kernels.local_rows(crow)))
+    for job in jobs:  # each entry's row within its block, against the plain definition
+        rows = torch.repeat_interleave(torch.arange(job.crow.numel() - 1), job.crow.long().diff())
+        assert torch.equal(job.lrow, (rows % kernels.RB).to(torch.uint8))
+    kernels.csr_add(jobs)
+    for job, w in zip(jobs, want, strict=True):
+        torch.testing.assert_close(job.y, w, atol=1e-4, rtol=1e-4)
+
+
+def test_a_hot_model_alone_runs_on_dense_weights_with_equal_outputs(base: BaseModel) -> None:
+    from sparseshot import serving
+
+    delta = _so_delta(base, 12, fraction=0.02)
+    p = prepare(base, delta, classes=CLASSES)
+    engine = ServingEngine(base)
+    pixels = _pixels(base, 3, seed=4)
+    want = _reference(base, delta, pixels)
+    outs = [engine.probabilities(pixels, [(p, 3)])[0] for _ in range(serving.SOLO_STREAK + 1)]
+    n_layers = len(p.linears)
+    layer_bytes = sum(lin.shape[0] * lin.shape[1] * 4 for lin in p.linears.values())
+    assert engine.dense.nbytes == layer_bytes and n_layers > 0  # every layer went dense, once
+    for got in outs:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    other = prepare(base, _so_delta(base, 13, fraction=0.02), classes=CLASSES)
+    engine.probabilities(pixels, [(other, 2), (p, 1)])  # mixed batch: no streak, sparse path
+    assert engine.dense.nbytes == layer_bytes
+
+
+def test_dense_cache_never_evicts_what_the_current_forward_uses() -> None:
+    from sparseshot.serving import DenseWeights
+
+    cache = DenseWeights(budget_bytes=3 * 400)  # three (10, 10) fp32 tensors
+    built: list[str] = []
+
+    def build(name: str):
+        return lambda: built.append(name) or torch.zeros(10, 10)
+
+    for _ in range(3):  # a model with four layers, one forward each time: the fourth never fits
+        f = cache.tick()
+        got = [cache.get((1, n), 400, build(n), f) for n in "abcd"]
+        assert [g is not None for g in got] == [True, True, True, False]  # d runs sparse
+    assert built == ["a", "b", "c"]  # built once each, never evicted by their own model
+    f = cache.tick()
+    cache.tick()  # a forward later, the entries are old enough to evict
+    f = cache.tick()
+    assert cache.get((2, "x"), 400, build("x"), f) is not None and cache.nbytes == 3 * 400
+    assert cache.get((9, "big"), 401 * 3, build("big"), f) is None
 
 
 def test_concurrent_forwards_do_not_interfere(base: BaseModel) -> None:

@@ -201,8 +201,14 @@ def test_models_classify_download_and_missing_endpoints(sdk: Client, fake_infere
     assert all(len(p["labels"]) == 2 for p in preds) and len(fake_inference) == 2
     path = sdk.download_delta(model, tmp_path)
     assert path == tmp_path / f"{model['id']}.safetensors" and json.loads(path.read_bytes())["classes"]
-    with pytest.raises(NotImplementedError, match="evaluation"):
-        sdk.evaluate(model, "any")
+    cut = sdk.classify(model, queries[:1], top_k=3, threshold={"cat": 0.7})  # the stand-in: 0.6, 0.3, 0.1
+    assert [lab["label"] for lab in cut[0]["labels"]] == ["dog", "bird"] and not cut[0]["unknown"]
+    assert sdk.classify(model, queries[:1], threshold=0.9)[0]["unknown"] is True
+    ds = sdk.create_dataset("pets", ["cat", "dog"])
+    sdk.upload(ds, queries[:2], label="dog")
+    ev = sdk.evaluate(model, ds)  # the stand-in says "cat" for everything
+    assert ev["confusion_matrix"] == [[0, 0, 0], [2, 0, 0], [0, 0, 0]] and ev["accuracy"] == 0.0
+    assert sdk.list_evaluations(model) == [ev]
     with pytest.raises(InvalidInput) as e:  # the fake inference's file is no delta: refused as such
         sdk.import_delta(path, name="copy")
     assert e.value.status == 422 and "delta file" in str(e.value)
@@ -246,10 +252,21 @@ def test_cli_client_commands(sdk: Client, engine, samples: Path, tmp_path: Path,
 
     assert cli.main(["classify", model["id"], str(samples / "query"), "--top-k", "2"]) == 0
     assert "red_circle_q0.png: red circle" in capsys.readouterr().out
+    assert cli.main(["classify", model["id"], str(samples / "query"), "--threshold", "0.9"]) == 0
+    assert "red_circle_q0.png: unknown" in capsys.readouterr().out  # the stand-in's best is 0.6
     assert cli.main(["models", "list"]) == 0 and model["id"] in capsys.readouterr().out
     assert cli.main(["models", "export", model["id"], "-o", str(tmp_path / "m.safetensors")]) == 0
     assert (tmp_path / "m.safetensors").exists()
-    assert cli.main(["models", "evaluate", model["id"], ds_id]) == 2
+    assert cli.main(["models", "evaluate", model["id"], ds_id]) == 0  # the stand-in: always the first class
+    report = capsys.readouterr().out
+    first = list(sample_data.CLASSES)[0]
+    assert "accuracy 0.333 on 15 image(s)" in report and "confusion matrix (rows: true" in report
+    row = next(ln for ln in report.splitlines() if ln.startswith(first))  # precision, recall, F1, support
+    assert row.split()[-5:-1] == ["0.333", "1.000", "0.500", "5"]
+    assert cli.main(["models", "evaluate", model["id"], ds_id, "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["per_class"][first]["recall"] == 1.0
+    assert ev["per_class"][first]["precision"] == pytest.approx(1 / 3)
     assert cli.main(["datasets", "show", "00000000-0000-0000-0000-000000000000"]) == 1
     assert "404" in capsys.readouterr().err
 

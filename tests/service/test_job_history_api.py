@@ -25,6 +25,7 @@ class P:
     eta_seconds: float = 0.0
     lr: float | None = 1e-3
     elapsed_seconds: float | None = None
+    val_accuracy: float | None = None
 
 
 def _set(engine, job_id: str, **values) -> None:
@@ -76,6 +77,16 @@ def test_history_is_recorded_every_n_steps_and_listed(api, engine) -> None:
     second(P(25, 40, 0.5, 0.5, lr=float("nan")))
     items = api.client.get(f"/v1/jobs/{job['id']}/history", headers=api.headers).json()["items"]
     assert [i["step"] for i in items] == [1, 11, 21, 25] and items[-1]["lr"] is None
+
+
+def test_history_points_carry_the_latest_validation_pass(api, engine) -> None:
+    job = api.job(api.ready_dataset()["id"]).json()
+    _set(engine, job["id"], status="running", worker="w1", attempts=1)
+    rec = _recorder(job["id"], every=10, engine=engine)
+    for step in range(1, 31):  # passes at steps 5 and 8 (between points) and 30 (the final one)
+        rec(P(step, 30, 1.0, 0.5, val_accuracy={5: 0.25, 8: 0.5, 30: 1.0}.get(step)))
+    items = api.client.get(f"/v1/jobs/{job['id']}/history", headers=api.headers).json()["items"]
+    assert [(i["step"], i["val_accuracy"]) for i in items] == [(1, None), (11, 0.5), (21, None), (30, 1.0)]
 
 
 def test_history_is_bounded_for_long_runs() -> None:

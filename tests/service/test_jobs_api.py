@@ -105,3 +105,21 @@ def test_other_tenants_jobs_are_404(api, make_key) -> None:
     r = api.client.post("/v1/jobs", json={"dataset_id": ds["id"], "method": "so"}, headers=other)
     api.problem(r, 404)
     assert api.client.get("/v1/jobs", headers=other).json() == []
+
+
+def test_job_validation_option(api, enqueued: list[str]) -> None:
+    ds = api.ready_dataset()  # one image per class: nothing can be held out
+    body = api.problem(api.job(ds["id"], params={"n_iters": 3}, validation={"holdout": 0.2}), 422)
+    assert "none can be held out" in body["detail"]
+    for colour in ((250, 0, 0), (240, 0, 0)):  # cat: 3 images, dog: 1
+        assert api.upload(ds["id"], "cat", api.image(colour)).status_code == 201
+    for bad in ({"holdout": 0.9}, {"holdout_per_class": 0}, {"kfold": 3},
+                {"holdout": 0.2, "holdout_per_class": 1}):
+        assert "validation" in api.problem(api.job(ds["id"], validation=bad), 422)["detail"]
+    r = api.job(ds["id"], params={"n_iters": 3}, validation={"holdout_per_class": 1})
+    assert r.status_code == 202, r.text
+    assert r.json()["validation"] == {"holdout_per_class": 1}
+    assert api.client.get(f"/v1/jobs/{r.json()['id']}", headers=api.headers).json()["validation"] == {
+        "holdout_per_class": 1}
+    assert api.job(ds["id"], params={"n_iters": 3}).json()["validation"] is None
+    assert len(enqueued) == 2

@@ -51,10 +51,10 @@ class FakeResult:
 def fake_adapt_factory(calls: list[dict[str, Any]], *, steps: int = 3, sleep: float = 0.0,
                        fail: Exception | None = None):
     def adapt(base, images, labels, classes, method="so", *, on_progress=None, should_stop=None,
-              checkpoint=None, **hp):
+              checkpoint=None, val_images=(), val_labels=(), **hp):
         calls.append(dict(n_images=len(images), sizes=[im.size for im in images], labels=list(labels),
-                          classes=list(classes), method=method,
-                          checkpoint=checkpoint, hparams=hp))
+                          classes=list(classes), method=method, val_labels=list(val_labels),
+                          val_sizes=[im.size for im in val_images], checkpoint=checkpoint, hparams=hp))
         for step in range(1, steps + 1):
             if should_stop is not None and should_stop():
                 raise sparseshot.Cancelled()
@@ -92,7 +92,8 @@ def _png(color: tuple[int, int, int]) -> bytes:
     return buf.getvalue()
 
 
-def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None, method: str = "so") -> str:
+def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None, method: str = "so",
+             validation: dict[str, Any] | None = None) -> str:
     storage = get_storage()
     with session_scope() as s:
         tenant = Tenant(name=f"t-{time.monotonic_ns()}")
@@ -108,7 +109,7 @@ def make_job(*, n_per_class: int = 2, params: dict[str, Any] | None = None, meth
                 s.add(Image(dataset_id=ds.id, label=label, sha256=key, storage_key=key, filename=f"{i}.png",
                             format="PNG", width=8, height=8, nbytes=len(data)))
         job = Job(tenant_id=tenant.id, dataset_id=ds.id, method=method, base_model="sparseshot-tiny:random",
-                  params=params or {"n_iters": 3})
+                  params=params or {"n_iters": 3}, validation=validation)
         s.add(job)
         s.flush()
         return job.id
@@ -139,6 +140,21 @@ def test_success_creates_model_in_one_go(settings, runtime, fake_lib):
     assert call["hparams"] == {"n_iters": 3}
     assert call["checkpoint"].endswith(f"checkpoints/{job_id}.pt")
     assert not Path(call["checkpoint"]).exists()
+
+
+def test_validation_split_holds_images_out_of_training(settings, runtime, fake_lib):
+    job_id = make_job(n_per_class=4, validation={"holdout_per_class": 1}, params={"n_iters": 3, "seed": 5})
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
+    call = fake_lib[0]
+    assert call["n_images"] == 6 and sorted(call["labels"]) == [0, 0, 0, 1, 1, 1]
+    assert sorted(call["val_labels"]) == [0, 1] and len(call["val_sizes"]) == 2
+    assert "val_images" not in call["hparams"]
+    small = make_job(n_per_class=2, validation={"holdout": 0.5})  # classes of 2: nothing to hold out
+    assert tasks.run_job(small, runtime=runtime, worker="w1") == "succeeded"
+    assert fake_lib[1]["val_labels"] == [] and fake_lib[1]["n_images"] == 4
+    with session_scope() as s:
+        assert s.get(Model, get_job(small).model_id).metrics["val_images"] == 0
+    assert fake_lib[0]["hparams"] == {"n_iters": 3, "seed": 5} and get_job(job_id).validation is not None
 
 
 def test_training_images_are_kept_at_the_models_input_size(settings, runtime, fake_lib):

@@ -219,6 +219,8 @@ function jobForm(dataset) {
         h("option", { value: "lora" }, "lora"))),
       h("label", {}, " Preset ", h("select", { name: "preset" }, h("option", { value: "" }, "(server default)"),
         ["quick", "standard", "thorough"].map((p) => h("option", { value: p }, p))))),
+    h("label", {}, "Validation: hold out ", h("input", { name: "holdout", type: "number", min: "0", max: "0.5", step: "0.05", placeholder: "0" }),
+      " of each class (classes keep 2 training images)"),
     h("label", {}, "Params (JSON, optional; e.g. ", h("code", {}, '{"n_iters": 50, "lr": 0.01}'), ")",
       h("textarea", { name: "params", placeholder: "{}" })),
     h("button", { type: "submit" }, "Start training"));
@@ -231,6 +233,8 @@ function jobForm(dataset) {
     }
     const body = { dataset_id: dataset.id, method: form.elements["method"].value, params };
     if (form.elements["preset"].value) body.preset = form.elements["preset"].value; // only when the user picks one
+    const holdout = Number(form.elements["holdout"].value || 0);
+    if (holdout > 0) body.validation = { holdout };
     const job = await api("POST", "/v1/jobs", { json: body });
     if (job.estimated_seconds !== undefined) sessionStorage.setItem(`est.${job.id}`, String(job.estimated_seconds));
     location.hash = `#/jobs/${job.id}`;
@@ -395,34 +399,58 @@ function fmtValue(v) {
 }
 
 function metricsTable(metrics) {
-  const rows = Object.entries(metrics || {}).filter(([k]) => k !== "evaluation")
+  const rows = Object.entries(metrics || {})
     .map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, fmtValue(v))));
   return rows.length ? h("table", { id: "model-metrics" }, rows) : h("p", { class: "muted" }, "No metrics recorded.");
 }
 
-function evaluationSection(ev, classes) {
-  // metrics.evaluation when present: accuracy, per-class precision/recall/F1, confusion matrix.
-  if (!ev) return h("p", { class: "muted", id: "model-evaluation" }, "Not evaluated yet.");
-  const order = ev.classes || classes;
-  const parts = [h("div", { class: "stats" }, stat("accuracy", fmtPct(ev.accuracy)),
-    ev.n !== undefined ? stat("images", String(ev.n)) : null)];
-  if (ev.per_class) {
-    parts.push(h("table", {}, h("tr", {}, ["class", "precision", "recall", "F1", "support", "threshold"].map((t) => h("th", {}, t))),
-      Object.entries(ev.per_class).map(([c, m]) => h("tr", {}, h("td", {}, c), h("td", {}, fmtPct(m.precision)),
-        h("td", {}, fmtPct(m.recall)), h("td", {}, fmtPct(m.f1)), h("td", {}, m.support ?? "—"),
-        h("td", {}, ev.thresholds && ev.thresholds[c] !== undefined ? fmtNum(ev.thresholds[c], 3) : "—")))));
-  }
-  if (ev.confusion_matrix) {
-    parts.push(h("h3", {}, "Confusion matrix (rows: true class, columns: predicted)"),
-      h("table", { class: "matrix" }, h("tr", {}, h("th", {}, ""), order.map((c) => h("th", {}, c))),
-        ev.confusion_matrix.map((row, i) => h("tr", {}, h("th", {}, order[i]),
-          row.map((n, j) => h("td", { class: i === j ? "diag" : "" }, String(n)))))));
-  }
-  return h("div", { id: "model-evaluation" }, parts);
+function evaluationView(ev) {
+  // One stored evaluation: accuracy, per-class precision/recall/F1/support/threshold, confusion matrix.
+  const order = ev.classes;
+  const parts = [h("div", { class: "stats" }, stat("accuracy", fmtPct(ev.accuracy), "eval-accuracy"),
+    stat("images", String(ev.n_images), "eval-images"),
+    ev.excluded_images ? stat("not evaluated", String(ev.excluded_images)) : null),
+    h("p", { class: "muted" }, `Dataset ${ev.dataset_id ? ev.dataset_id.slice(0, 8) : "(deleted)"}, ${fmtDate(ev.created_at)}.`,
+      ev.excluded_images ? ` Labels not among the model's classes, left out: ${Object.entries(ev.excluded_labels).map(([l, n]) => `${l} (${n})`).join(", ")}.` : "",
+      " Threshold: the probability that maximises the class's F1 on this dataset.")];
+  parts.push(h("table", { id: "eval-per-class" }, h("tr", {}, ["class", "precision", "recall", "F1", "support", "threshold"].map((t) => h("th", {}, t))),
+    order.map((c) => { const m = ev.per_class[c]; const t = ev.suggested_thresholds[c];
+      return h("tr", { "data-class": c }, h("td", {}, c), h("td", {}, fmtPct(m.precision)), h("td", {}, fmtPct(m.recall)),
+        h("td", {}, fmtPct(m.f1)), h("td", {}, String(m.support)), h("td", {}, t === null ? "—" : fmtNum(t, 3))); })));
+  parts.push(h("h3", {}, "Confusion matrix (rows: true class, columns: predicted)"),
+    h("table", { class: "matrix", id: "eval-confusion" }, h("tr", {}, h("th", {}, ""), order.map((c) => h("th", {}, c))),
+      ev.confusion_matrix.map((row, i) => h("tr", {}, h("th", {}, order[i]),
+        row.map((n, j) => h("td", { class: i === j ? "diag" : "" }, String(n)))))));
+  return h("div", { class: "evaluation", "data-evaluation": ev.id }, parts);
+}
+
+async function evaluationSection(model) {
+  // The stored evaluations (newest shown; the others one click away) and a form to run a new one.
+  const box = h("div", { id: "model-evaluation" });
+  const [evals, datasets] = await Promise.all([api("GET", `/v1/models/${model.id}/evaluations`), api("GET", "/v1/datasets")]);
+  const render = (list, shown) => {
+    const others = list.length > 1 ? h("table", { id: "eval-list" }, h("tr", {}, ["Evaluation", "Accuracy", "Images", "Created"].map((t) => h("th", {}, t))),
+      list.map((e) => h("tr", { class: e.id === shown.id ? "selected" : "" },
+        h("td", {}, h("a", { href: "#", onclick: (ev) => { ev.preventDefault(); render(list, e); } }, e.id.slice(0, 8))),
+        h("td", {}, fmtPct(e.accuracy)), h("td", {}, String(e.n_images)), h("td", {}, fmtDate(e.created_at))))) : null;
+    fill(box, shown ? [evaluationView(shown), others] : h("p", { class: "muted" }, "Not evaluated yet."));
+  };
+  render(evals, evals[0]);
+  const choose = h("select", { id: "eval-dataset" }, datasets.map((d) => h("option", { value: d.id }, `${d.name} (${d.id.slice(0, 8)})`)));
+  const run = h("button", { type: "button", id: "eval-run", disabled: datasets.length ? null : true }, "Evaluate");
+  run.addEventListener("click", guard(async () => {
+    run.disabled = true;
+    try {
+      const ev = await api("POST", `/v1/models/${model.id}/evaluations`, { json: { dataset_id: choose.value } });
+      evals.unshift(ev); render(evals, ev);
+    } finally { run.disabled = false; }
+  }));
+  return [h("div", { class: "inline form" }, h("label", {}, "Labelled dataset ", choose), " ", run), box];
 }
 
 function topkBars(pred) {
   return h("div", { class: "bars prediction" }, h("div", { class: "muted" }, pred.filename),
+    pred.unknown ? h("div", { class: "unknown" }, "unknown: no label reaches the threshold") : null,
     pred.labels.map((l) => h("div", { class: "bar", "data-label": l.label },
       h("span", { class: "lbl" }, l.label),
       h("div", { class: "track" }, h("div", { class: "fill", style: `width:${(100 * l.score).toFixed(1)}%` })),
@@ -432,11 +460,13 @@ function topkBars(pred) {
 async function pageModel(view, id) {
   const m = await api("GET", `/v1/models/${id}`);
   const out = h("div", { id: "classify-results" });
+  const cut = h("input", { id: "classify-threshold", type: "number", min: "0", max: "1", step: "0.05", placeholder: "none" });
   const preview = h("div", {});
   const zone = dropzone("Drop an image here to classify it", async (files) => {
     const form = new FormData();
     for (const f of files) form.append("files", f, f.name);
     form.append("top_k", String(Math.min(5, m.classes.length)));
+    if (cut.value.trim()) form.append("threshold", cut.value.trim());
     const res = await api("POST", `/v1/models/${id}/classify`, { form });
     const url = URL.createObjectURL(files[0]); objectUrls.push(url);
     fill(preview, h("img", { src: url, alt: files[0].name }));
@@ -459,8 +489,9 @@ async function pageModel(view, id) {
           ["created", fmtDate(m.created_at)]].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))),
         m.job_id ? h("p", {}, h("a", { href: `#/jobs/${m.job_id}` }, "training job")) : "", h("p", {}, dl, dlBox)),
       h("div", { class: "card" }, h("h2", {}, "Training metrics"), metricsTable(m.metrics))),
-    h("div", { class: "card" }, h("h2", {}, "Evaluation"), evaluationSection(m.metrics && m.metrics.evaluation, m.classes)),
-    h("div", { class: "card" }, h("h2", {}, "Try it"), zone, h("div", { class: "tryit" }, preview, out)));
+    h("div", { class: "card" }, h("h2", {}, "Evaluation"), await evaluationSection(m)),
+    h("div", { class: "card" }, h("h2", {}, "Try it"), h("p", {}, h("label", {}, "Threshold (labels below it are dropped) ", cut)),
+      zone, h("div", { class: "tryit" }, preview, out)));
 }
 
 // ---------------------------------------------------------------- routing and the key
