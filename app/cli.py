@@ -175,6 +175,7 @@ BENCHES = {
     "delta-size": "benchmarks.delta_size",
     "serving": "benchmarks.serving",
     "job-step": "benchmarks.job_step",
+    "load": "benchmarks.load",
 }
 
 

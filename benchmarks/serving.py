@@ -28,7 +28,6 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.procs import free_port
 
 CLASSES = ["class-a", "class-b", "class-c", "class-d", "class-e"]
 MB = 1024 * 1024
@@ -372,17 +373,11 @@ def _cold_row(cfg: Config, cold_ids: list[str], warm_id: str, send: Callable[[st
 # ---------------------------------------------------------------- HTTP mode
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class HttpServer:
     """`sparseshot serve` on a free loopback port over the same data folder, for the run's length."""
 
     def __init__(self, service: Service, cfg: Config, cache_bytes: int) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         env = {**os.environ, **service.env, "SPARSESHOT_MODEL_CACHE_BYTES": str(cache_bytes),
                "OMP_NUM_THREADS": str(cfg.threads), "MKL_NUM_THREADS": str(cfg.threads)}
         cmd = [sys.executable, "-m", "app.cli", "--log-level", "WARNING", "serve", "--no-worker",

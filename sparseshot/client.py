@@ -8,8 +8,9 @@
     print(c.classify(job.model_id, ["query.jpg"], top_k=2))
 
 Errors answered as RFC 7807 problem+json are raised as `ApiError` subclasses (`Unauthorized`,
-`NotFound`, `Conflict`, `InvalidInput`, `TooLarge`, `ServiceUnavailable`) carrying status, title,
-detail and the whole body. Resources may be passed as ids or as the dicts / `Job`s returned.
+`NotFound`, `Conflict`, `InvalidInput`, `TooLarge`, `QuotaExceeded`, `ServiceUnavailable`) carrying
+status, title, detail, the whole body and `retry_after` (seconds, from a `Retry-After` header).
+Resources may be passed as ids or as the dicts / `Job`s returned.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from typing import IO, Any
 import httpx
 
 __all__ = [
-    "ApiError", "Client", "Conflict", "InvalidInput", "Job", "JobFailed", "NotFound", "ServiceUnavailable",
-    "TooLarge", "Unauthorized",
+    "ApiError", "Client", "Conflict", "InvalidInput", "Job", "JobFailed", "NotFound", "QuotaExceeded",
+    "ServiceUnavailable", "TooLarge", "Unauthorized",
 ]
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -48,9 +49,11 @@ FileLike = str | os.PathLike[str] | tuple[str, bytes]
 class ApiError(Exception):
     """An error answer of the API (problem+json when the server sent one)."""
 
-    def __init__(self, status: int, title: str, detail: str, body: Any = None) -> None:
+    def __init__(self, status: int, title: str, detail: str, body: Any = None,
+                 retry_after: float | None = None) -> None:
         super().__init__(f"{status} {title}: {detail}")
         self.status, self.title, self.detail, self.body = status, title, detail, body
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After), if it did
 
 
 class Unauthorized(ApiError):
@@ -73,8 +76,21 @@ class TooLarge(InvalidInput):
     """413: too many files or too large an upload."""
 
 
+class QuotaExceeded(ApiError):
+    """429: a per-tenant limit is reached. `limit` (its name, e.g. "max_queued_jobs"), `value` (the
+    tenant's limit) and `current` (the usage counted against it) come from the problem body."""
+
+    def __init__(self, status: int, title: str, detail: str, body: Any = None,
+                 retry_after: float | None = None) -> None:
+        super().__init__(status, title, detail, body, retry_after)
+        fields = body if isinstance(body, dict) else {}
+        self.limit: str | None = fields.get("limit")
+        self.value: int | None = fields.get("value")
+        self.current: int | None = fields.get("current")
+
+
 class ServiceUnavailable(ApiError):
-    """503: base model or another dependency unavailable."""
+    """503: base model, database, queue or another dependency unavailable (see `retry_after`)."""
 
 
 class JobFailed(Exception):
@@ -86,7 +102,7 @@ class JobFailed(Exception):
 
 
 _ERRORS: dict[int, type[ApiError]] = {401: Unauthorized, 404: NotFound, 409: Conflict, 413: TooLarge,
-                                      422: InvalidInput, 503: ServiceUnavailable}
+                                      422: InvalidInput, 429: QuotaExceeded, 503: ServiceUnavailable}
 
 
 def raise_for_problem(r: httpx.Response) -> None:
@@ -100,7 +116,24 @@ def raise_for_problem(r: httpx.Response) -> None:
     title = body.get("title", r.reason_phrase) if isinstance(body, dict) else r.reason_phrase
     detail = body.get("detail", r.text[:500]) if isinstance(body, dict) else r.text[:500]
     cls = _ERRORS.get(r.status_code) or (InvalidInput if r.status_code < 500 else ApiError)
-    raise cls(r.status_code, str(title), str(detail), body)
+    raise cls(r.status_code, str(title), str(detail), body, _retry_after(r.headers.get("retry-after")))
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header: a number, or an HTTP date (seconds from now, at least 0)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    from email.utils import parsedate_to_datetime
+
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
 
 
 def _id(x: Resource) -> str:

@@ -26,6 +26,15 @@ class Problem(BaseModel):
     rejected: list[dict[str, Any]] | None = Field(default=None, description="Files refused, with the reason.")
 
 
+class QuotaProblem(Problem):
+    """429: a per-tenant limit (app/quotas.py) is reached; the body says which, its value and the
+    current usage. No `Retry-After`: room comes back when the tenant's jobs end or it deletes things."""
+
+    limit: str = Field(description="The limit's name.", examples=["max_queued_jobs"])
+    value: int = Field(description="The tenant's value of the limit.")
+    current: int = Field(description="The usage counted against it (for max_steps_per_job: the job's steps).")
+
+
 _WHY = {
     400: "The body cannot be parsed (not JSON, not UTF-8, a broken multipart form).",
     401: "No, a malformed, unknown or revoked API key (`Authorization: Bearer <key>`).",
@@ -33,17 +42,23 @@ _WHY = {
     409: "The resource is not in a state that allows this.",
     413: "The request body, a file, an archive or the number of files is over a limit.",
     422: "The input is invalid (`errors` lists the fields).",
-    429: "A per-tenant limit is reached.",
+    429: "A per-tenant limit is reached (`limit`, `value`, `current` say which).",
     500: "An unexpected error (a bug); the connection stays usable.",
     503: "A dependency (database, queue, base model) is unavailable; see `Retry-After`.",
     507: "Storage is full; nothing was stored.",
 }
-API_STATUSES = (400, 401, 404, 409, 413, 422, 429, 500, 503, 507)
+# Every operation's; 429 only on those that count against a limit (QUOTA_RESPONSES on the route).
+API_STATUSES = (400, 401, 404, 409, 413, 422, 500, 503, 507)
+_MODELS: dict[int, type[Problem]] = {429: QuotaProblem}
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` for a router or route: each status documented with the problem body."""
-    return {s: {"model": Problem, "description": _WHY[s]} for s in statuses or API_STATUSES}
+    return {s: {"model": _MODELS.get(s, Problem), "description": _WHY[s]} for s in statuses or API_STATUSES}
+
+
+# The operations that add what a limit counts: jobs, images, models (app/quotas.py).
+QUOTA_RESPONSES = problem_responses(429)
 
 
 def install_openapi(app: FastAPI) -> None:
@@ -67,7 +82,8 @@ def install_openapi(app: FastAPI) -> None:
 
 
 def _is_problem(content: dict[str, Any]) -> bool:
-    return content["application/json"].get("schema", {}).get("$ref", "").endswith("/Problem")
+    ref = content["application/json"].get("schema", {}).get("$ref", "")
+    return ref.rsplit("/", 1)[-1] in {Problem.__name__, *(m.__name__ for m in _MODELS.values())}
 
 
 def _document_choices(spec: dict[str, Any], app: FastAPI) -> None:

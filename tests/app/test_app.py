@@ -60,6 +60,26 @@ def test_openapi_lists_the_v1_routes(client: TestClient) -> None:
     assert client.get("/docs").status_code == 200
 
 
+QUOTA_OPERATIONS = {("post", "/v1/jobs"), ("post", "/v1/datasets/{dataset_id}/images"),
+                    ("post", "/v1/models/zeroshot"), ("post", "/v1/models/import")}
+
+
+def test_openapi_documents_429_where_a_limit_can_refuse(client: TestClient) -> None:
+    """429 with the quota body on the operations that add what a per-tenant limit counts (jobs,
+    images, models), and on no other."""
+    spec = client.get("/openapi.json").json()
+    ops = [(m, p, op) for p, item in spec["paths"].items() for m, op in item.items()]
+    with_429 = {(m, p) for m, p, op in ops if "429" in op["responses"]}
+    assert with_429 == QUOTA_OPERATIONS
+    for method, path in QUOTA_OPERATIONS:
+        content = spec["paths"][path][method]["responses"]["429"]["content"]
+        assert list(content) == ["application/problem+json"]
+        assert content["application/problem+json"]["schema"] == {"$ref": "#/components/schemas/QuotaProblem"}
+    schema = spec["components"]["schemas"]["QuotaProblem"]
+    assert {"type", "title", "status", "detail", "limit", "value", "current"} <= set(schema["required"])
+    assert schema["properties"]["value"]["type"] == "integer"
+
+
 def test_metrics_exposes_requests_jobs_queue_and_cache(client: TestClient, api) -> None:
     ds = api.ready_dataset()
     assert api.job(ds["id"]).status_code == 202

@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from app import cli
+from app import cli, quotas
 from app.models import Job
 from sparseshot import sample_data
 from sparseshot.client import (
@@ -27,6 +27,8 @@ from sparseshot.client import (
     InvalidInput,
     JobFailed,
     NotFound,
+    QuotaExceeded,
+    ServiceUnavailable,
     Unauthorized,
     progress_line,
 )
@@ -108,6 +110,41 @@ def test_unauthorized_is_typed(client) -> None:
     with pytest.raises(Unauthorized) as e:
         Client("http://testserver", "sk_nope_nope", http=client).list_datasets()
     assert isinstance(e.value, ApiError) and e.value.status == 401
+
+
+def test_quota_and_unavailable_answers_are_typed(sdk: Client, engine, queue, samples: Path) -> None:
+    """429 -> QuotaExceeded with the limit's name, value and usage; 503 -> ServiceUnavailable with
+    the server's Retry-After."""
+    ds = sdk.create_dataset("shapes", list(sample_data.CLASSES))
+    sdk.upload(ds, samples / "train")
+    with Session(engine) as s:
+        quotas.set_limits(session=s, tenant_name="acme", values={"max_queued_jobs": 1})
+    sdk.train(ds, preset="quick")
+    with pytest.raises(QuotaExceeded) as e:
+        sdk.train(ds, preset="quick")
+    err = e.value
+    assert isinstance(err, ApiError) and err.status == 429 and not isinstance(err, InvalidInput)
+    assert (err.limit, err.value, err.current) == ("max_queued_jobs", 1, 1)
+    assert err.retry_after is None and "max_queued_jobs" in str(err)
+
+    with Session(engine) as s:
+        quotas.set_limits(session=s, tenant_name="acme", values={"max_queued_jobs": None})
+    queue.fail = ConnectionError("broker down")
+    with pytest.raises(ServiceUnavailable) as unavailable:
+        sdk.train(ds, preset="quick")
+    assert unavailable.value.retry_after is not None and unavailable.value.retry_after > 0
+    assert len(sdk.list_jobs()) == 1  # the refused submit left no job
+
+
+def test_retry_after_header_forms() -> None:
+    import email.utils
+
+    from sparseshot.client import _retry_after
+
+    assert _retry_after("7") == 7.0 and _retry_after(None) is None and _retry_after("soon") is None
+    later = email.utils.formatdate(time.time() + 3600, usegmt=True)
+    assert 3000 < (_retry_after(later) or 0) <= 3600
+    assert _retry_after(email.utils.formatdate(0, usegmt=True)) == 0.0
 
 
 def test_train_wait_history_cancel(sdk: Client, engine, samples: Path, enqueued: list[str]) -> None:

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.procs import Proc, free_port
 from sparseshot.client import Client
-from tests.e2e.test_service_e2e import Api, Proc, _create_key, _env, _free_port
+from tests.e2e.test_service_e2e import Api, _create_key, _env
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +26,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Api, dict
     tmp = tmp_path_factory.mktemp("client-e2e")
     # Every progress report written (not one per 0.2 s), so a few-second job has a real history.
     env = _env(tmp / "data", SPARSESHOT_HISTORY_EVERY_STEPS="2", SPARSESHOT_PROGRESS_INTERVAL_S="0.001")
-    port = _free_port()
+    port = free_port()
     proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "serve.log")
     try:
         api = Api(port, proc)

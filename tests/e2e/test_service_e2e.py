@@ -16,9 +16,6 @@ import io
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -30,6 +27,7 @@ import pytest
 from PIL import Image
 
 from app.webhooks import signing
+from benchmarks.procs import Proc, cli, free_port, service_env, wait_up
 from tests.fakes import Receiver
 
 pytestmark = pytest.mark.slow
@@ -44,12 +42,6 @@ RECOVERY_ITERS = 200  # x 2 shots = 400 steps, ~10 s on one CPU core
 FAST_RECOVERY = {"SPARSESHOT_JOB_HEARTBEAT_TIMEOUT_S": "5", "SPARSESHOT_RECOVERY_INTERVAL_S": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _png(color: tuple[int, int, int], seed: int) -> bytes:
     im = Image.new("RGB", (32, 32), color)
     im.putpixel((seed % 32, seed // 32 % 32), (seed * 37 % 256, 0, 0))  # distinct bytes per image
@@ -58,62 +50,15 @@ def _png(color: tuple[int, int, int], seed: int) -> bytes:
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------- processes
-
-
-class Proc:
-    """A child process in its own group, logging to a file; stopped with its whole group."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self._fh = open(log, "ab")  # noqa: SIM115 - closed in stop()
-        self.p = subprocess.Popen([sys.executable, "-m", "app.cli", *args], env=env, stdout=self._fh,
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-
-    def kill(self, sig: int = signal.SIGKILL) -> None:
-        try:
-            os.killpg(self.p.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.p.poll() is None:
-            self.kill(signal.SIGTERM)
-            try:
-                self.p.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        self.kill(signal.SIGKILL)  # anything left in the group (embedded worker, pool children)
-        try:
-            self.p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        self._fh.close()
-
-    def tail(self, n: int = 60) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+# ---------------------------------------------------------------- processes (benchmarks.procs)
 
 
 def _env(data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SPARSESHOT_")}
-    env.update(
-        SPARSESHOT_DATA_DIR=str(data_dir),
-        SPARSESHOT_BASE_MODEL=BASE_SPEC,
-        SPARSESHOT_PROGRESS_INTERVAL_S="0.2",
-        SPARSESHOT_MAX_STEPS_PER_JOB="1000000",  # LONG_PARAMS: a training that runs until stopped
-        CUDA_VISIBLE_DEVICES="",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    env.update(extra)
-    return env
+    return service_env(data_dir, **extra)
 
 
 def _cli(env: dict[str, str], *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "app.cli", *args], env=env, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    return cli(env, *args)
 
 
 class Api:
@@ -125,16 +70,7 @@ class Api:
         self.http = httpx.Client(base_url=self.base, timeout=30)
 
     def wait_up(self, timeout: float = 90) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.p.poll() is None, f"server exited:\n{self.proc.tail()}"
-            try:
-                if self.http.get("/healthz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"server not up in {timeout}s:\n{self.proc.tail()}")
+        wait_up(self.base, self.proc, timeout)
 
     def auth(self, key: str) -> None:
         self.http.headers["Authorization"] = f"Bearer {key}"
@@ -173,7 +109,7 @@ def procs() -> Iterator[list[Proc]]:
 
 
 def _serve(env: dict[str, str], tmp: Path, procs: list[Proc]) -> Api:
-    port = _free_port()
+    port = free_port()
     proc = Proc(["serve", "--host", "127.0.0.1", "--port", str(port)], env, tmp / "serve.log")
     procs.append(proc)
     api = Api(port, proc)

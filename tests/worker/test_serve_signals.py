@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,11 +15,7 @@ import psutil
 import pytest
 from PIL import Image
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from benchmarks.procs import free_port
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -71,7 +66,7 @@ def test_stopping_serve_stops_the_embedded_worker(tmp_path, sig) -> None:
            "SPARSESHOT_BASE_MODEL": "sparseshot-tiny:random", "SPARSESHOT_DATABASE_URL": "",
            "SPARSESHOT_MAX_STEPS_PER_JOB": "1000000000",  # a training that runs until stopped
            "PYTHONPATH": os.getcwd()}
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "app.cli", "serve", "--port", str(port)], env=env)
     workers: list[psutil.Process] = []
     try:

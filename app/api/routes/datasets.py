@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Response, UploadFile, status
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.responses import problem_responses
+from app.api.responses import QUOTA_RESPONSES, problem_responses
 from app.schemas import DatasetCreate, DatasetPublic, ImagesAdded
 from app.services import datasets as svc
 
@@ -62,7 +62,7 @@ def delete_dataset(dataset_id: str, session: SessionDep, tenant: TenantDep, stor
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.post("/{dataset_id}/images", status_code=status.HTTP_201_CREATED)
+@router.post("/{dataset_id}/images", status_code=status.HTTP_201_CREATED, responses=QUOTA_RESPONSES)
 def add_images(
     dataset_id: str,
     session: SessionDep,

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Response, status
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import PageDep, QueueDep, RuntimeDep, SessionDep, SettingsDep, TenantDep
-from app.api.responses import problem_responses
+from app.api.responses import QUOTA_RESPONSES, problem_responses
 from app.jobs.status import JobStatus
 from app.schemas import JobCreate, JobHistoryPublic, JobPublic, WebhookDeliveryPublic
 from app.services import history, job_events, webhooks
@@ -15,7 +15,7 @@ from app.services import jobs as svc
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses())
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, responses=QUOTA_RESPONSES)
 def create_job(
     body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
     queue: QueueDep,

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
 from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
-from app.api.responses import Problem, problem_responses
+from app.api.responses import QUOTA_RESPONSES, Problem, problem_responses
 from app.schemas import (
     ClassifyPublic,
     EvaluationCreate,
@@ -26,7 +26,7 @@ from app.services.datasets import Upload
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_responses())
 
 
-@router.post("/zeroshot", status_code=status.HTTP_201_CREATED)
+@router.post("/zeroshot", status_code=status.HTTP_201_CREATED, responses=QUOTA_RESPONSES)
 def create_zeroshot(
     body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep
 ) -> ModelPublic:
@@ -39,7 +39,7 @@ def create_zeroshot(
     return svc.to_public(model)
 
 
-@router.post("/import", status_code=status.HTTP_201_CREATED)
+@router.post("/import", status_code=status.HTTP_201_CREATED, responses=QUOTA_RESPONSES)
 def import_model(
     session: SessionDep,
     tenant: TenantDep,
