@@ -42,7 +42,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.procs import Proc, cli, create_key, serve, service_env, wait_up
+from benchmarks.procs import Proc, cli, create_key, redis_queue, serve, service_env, wait_up
 from sparseshot.sample_data import CLASSES, render
 
 OPS = ("upload", "submit", "poll", "classify")
@@ -259,7 +259,7 @@ def embedded(root: Path, cfg: Config, log: Callable[[str], None]) -> Iterator[tu
 def distributed(root: Path, cfg: Config, log: Callable[[str], None]) -> Iterator[tuple[str, list[str]]]:
     """PostgreSQL (a throwaway database) + Redis (a queue of its own), `serve` API only and
     cfg.workers `sparseshot worker` processes: (URL, API keys)."""
-    with _pg_database(cfg.pg) as db_url, _redis_queue(cfg.redis) as queue:
+    with _pg_database(cfg.pg) as db_url, redis_queue(cfg.redis, prefix="sparseshot-load") as queue:
         env = service_env(root / "data", SPARSESHOT_DATABASE_URL=db_url, SPARSESHOT_BROKER_URL=cfg.redis,
                           SPARSESHOT_QUEUE_NAME=queue)
         cli(env, "migrate")
@@ -294,26 +294,6 @@ def _pg_database(server: str) -> Iterator[str]:
         with admin.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-@contextmanager
-def _redis_queue(url: str) -> Iterator[str]:
-    """A queue name of its own; its keys (and its unacknowledged messages) deleted afterwards."""
-    import redis
-
-    queue = f"sparseshot-load-{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(url, socket_connect_timeout=2)
-    client.ping()
-    try:
-        yield queue
-    finally:
-        for key in client.scan_iter(f"*{queue}*"):
-            client.delete(key)
-        for tag, payload in client.hgetall("unacked").items():
-            if queue.encode() in payload:
-                client.hdel("unacked", tag)
-                client.zrem("unacked_index", tag)
-        client.close()
 
 
 DEPLOYMENTS = {"embedded": embedded, "distributed": distributed}

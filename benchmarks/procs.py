@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -114,3 +116,24 @@ def wait_up(url: str, proc: Proc, timeout: float = 90, path: str = "/healthz") -
                 pass
             time.sleep(0.3)
     raise RuntimeError(f"server not up in {timeout}s:\n{proc.tail()}")
+
+
+@contextmanager
+def redis_queue(url: str, *, prefix: str) -> Iterator[str]:
+    """A queue name of its own on Redis `url`; its keys, and its unacknowledged messages (kombu keeps
+    those of every queue in one shared hash), are deleted afterwards."""
+    import redis
+
+    queue = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(url, socket_connect_timeout=2)
+    client.ping()
+    try:
+        yield queue
+    finally:
+        for key in client.scan_iter(f"*{queue}*"):
+            client.delete(key)
+        for tag, payload in client.hgetall("unacked").items():
+            if queue.encode() in payload:
+                client.hdel("unacked", tag)
+                client.zrem("unacked_index", tag)
+        client.close()

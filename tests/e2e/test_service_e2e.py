@@ -28,6 +28,7 @@ from PIL import Image
 
 from app.webhooks import signing
 from benchmarks.procs import Proc, cli, free_port, service_env, wait_up
+from benchmarks.procs import redis_queue as temporary_redis_queue
 from tests.fakes import Receiver
 
 pytestmark = pytest.mark.slow
@@ -287,19 +288,8 @@ def pg_database(fresh_pg_database) -> Iterator[str]:
 
 @pytest.fixture
 def redis_queue(redis_url: str) -> Iterator[str]:
-    import redis
-
-    queue = f"sparseshot-e2e-{uuid.uuid4().hex[:8]}"
-    client = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
-    yield queue
-    for key in client.scan_iter(f"*{queue}*"):
-        client.delete(key)
-    # The killed worker's unacknowledged message (kombu keeps those in one shared hash).
-    for tag, payload in client.hgetall("unacked").items():
-        if queue.encode() in payload:
-            client.hdel("unacked", tag)
-            client.zrem("unacked_index", tag)
-    client.close()
+    with temporary_redis_queue(redis_url, prefix="sparseshot-e2e") as queue:
+        yield queue
 
 
 def test_redis_postgres_workers_and_sigkill_recovery(pg_database: str, redis_url: str, redis_queue: str,
