@@ -148,14 +148,16 @@ def _build() -> ctypes.CDLL | None:
 def available() -> bool:
     """True when the compiled kernel could be built (once per process)."""
     global _lib, _tried
+    if _tried:  # the serving hot path asks per layer: no lock once decided
+        return _lib is not None
     with _lock:
         if not _tried:
-            _tried = True
             try:
                 _lib = _build()
             except (OSError, subprocess.SubprocessError) as e:
                 log.warning("serving kernel not built (%s); using torch.sparse.mm", e)
                 _lib = None
+            _tried = True  # after _lib: a reader outside the lock sees the decided value
         return _lib is not None
 
 

@@ -456,8 +456,8 @@ class ServingEngine:
         """x (B, ..., in) -> (B, ..., out): the base product for all rows, then each model's
         correction on its rows (the CSR parts of all models in one kernel call). A hot model alone
         in the batch, or a layer the cost model marks dense, runs on its dense adapted weight."""
-        if ps.solo:
-            y = self._solo_dense(x, w, b, wname, bname, ps)
+        if ps.solo:  # one hot model is the whole batch: its dense weight replaces the base product
+            y = self._dense_linear(x, w, b, wname, bname, ps.segs[0][0], ps)
             if y is not None:
                 return y
         y = F.linear(x, w, b)
@@ -466,9 +466,11 @@ class ServingEngine:
             delta, bias = p.linears.get(wname), p.overrides.get(bname)
             if delta is None and bias is None:
                 continue
-            dense = self._dense_weight(p, delta, w, ps) if delta is not None and delta.dense else None
-            if dense is not None:
-                y[a:z] = F.linear(x[a:z], dense, bias if bias is not None else b)
+            dense_y = None
+            if delta is not None and delta.dense:
+                dense_y = self._dense_linear(x[a:z], w, b, wname, bname, p, ps)
+            if dense_y is not None:
+                y[a:z] = dense_y
                 continue
             ys = y[a:z].view(-1, w.shape[0])  # (rows·L, out), a view: updated in place
             if bias is not None:
@@ -483,20 +485,19 @@ class ServingEngine:
             kernels.csr_add(jobs)
         return y
 
-    def _solo_dense(self, x: Tensor, w: Tensor, b: Tensor | None, wname: str, bname: str,
-                    ps: _Pass) -> Tensor | None:
-        """The whole batch through the one model's dense adapted weight; None when it has no Δ for
-        this layer or the weight does not fit the cache (then the correction path runs)."""
-        p = ps.segs[0][0]
-        delta, bias = p.linears.get(wname), p.overrides.get(bname)
-        dense = self._dense_weight(p, delta, w, ps) if delta is not None else None
+    def _dense_linear(self, x: Tensor, w: Tensor, b: Tensor | None, wname: str, bname: str,
+                      p: PreparedDelta, ps: _Pass) -> Tensor | None:
+        """x through model p's dense adapted weight (and its bias where it changed one); None when p
+        has no Δ for this layer or the weight does not fit the cache (then the correction path runs)."""
+        delta = p.linears.get(wname)
+        if delta is None:
+            return None
+        dense = self.dense.get((p.key, delta.name), w.numel() * w.element_size(), lambda: delta.adapted(w),
+                               ps.forward)
         if dense is None:
             return None
+        bias = p.overrides.get(bname)
         return F.linear(x, dense, bias if bias is not None else b)
-
-    def _dense_weight(self, p: PreparedDelta, delta: LinearDelta, w: Tensor, ps: _Pass) -> Tensor | None:
-        return self.dense.get((p.key, delta.name), w.numel() * w.element_size(), lambda: delta.adapted(w),
-                              ps.forward)
 
     def _norm(self, x: Tensor, ln: Any, name: str, ps: _Pass) -> Tensor:
         y = ln(x)
