@@ -50,7 +50,7 @@ def _corrections(y: torch.Tensor, x: torch.Tensor, models: int, rows: int, densi
             c = d.to_sparse_csr()
         crow, col = c.crow_indices().int(), c.col_indices().int()
         part = slice(m * rows, (m + 1) * rows)
-        jobs.append(kernels.Correction(y[part], x[part], crow, col, c.values(), kernels.local_rows(crow)))
+        jobs.append(kernels.Correction(y[part], x[part], crow, col, c.values()))
     return jobs
 
 

@@ -2,20 +2,20 @@
 
 torch.sparse.mm on CPU ran at a few percent of a dense product's throughput per stored entry for
 the shapes serving meets (tens to hundreds of token rows per model). This kernel takes every
-model's correction of one linear layer in one call. The work is cut into units of TJ token rows of
-one model; per unit it
+model's correction of one linear layer in one call. The work is cut into units of up to TW = 64
+token rows of one model (and a range of output rows); per unit it
 
-1. copies the TJ rows of x transposed into a small tile xt (in, TJ) (zero-padded past the last
-   row), so each stored entry reads TJ contiguous floats (one vector load);
-2. walks Δ in blocks of RB output rows: a linear, branch-free loop over the block's entries adds
-   value · xt[col] into an accumulator acc[local row] (RB, TJ) that stays in L1 (the local row of
-   each entry, `lrow`, is prepared once with the CSR);
-3. adds the accumulator into y's RB columns of those TJ rows (contiguous writes).
+1. copies the unit's rows of x transposed into a tile xt (in, 16·V), V = ⌈rows/16⌉ vectors, zero
+   past the last row (16×16 blocks transposed in registers), so each stored entry reads V
+   contiguous vectors;
+2. walks Δ row by row: a row's sum Σ val·xt[col] stays in registers, with independent chains that
+   hide the multiply-add latency, and lands in an accumulator block (RB output rows, in L1);
+3. adds each block into y's RB columns of the unit's rows (16×16 transposes again: contiguous writes).
 
-It is plain C (no torch headers: it compiles in about a second), built on first use with the
-system's C compiler into a per-user cache folder and called through ctypes, which releases the
-GIL, so two threads take halves of the units at once. Without a compiler, `available()` is False
-and callers use torch.sparse.mm.
+It is plain C with GCC vector extensions (no torch headers: it compiles in about a second), built
+on first use with the system's C compiler into a per-user cache folder and called through ctypes,
+which releases the GIL, so two threads take halves of the units at once. Without a compiler,
+`available()` is False and callers use torch.sparse.mm.
 """
 
 from __future__ import annotations
@@ -38,81 +38,167 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-TJ = 16  # token rows per unit: one AVX-512 vector (two AVX2 ones) per stored entry
-RB = 64  # output rows per accumulator block: acc (RB, TJ) fp32 = 4 KiB, in L1; lrow fits a byte
+TW = 64  # token rows per unit at most (four 16-float vectors per stored entry); the C source's TW
+RB = 64  # output rows per accumulator block: acc (RB, TW) fp32 = 16 KiB, in L1; the C source's RB
 
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
-#define TJ 16
-#define RB 64
+#define RB 64      /* output rows per accumulator block */
+#define TW 64      /* token rows per unit at most: VMAX vectors of 16 */
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i16 __attribute__((vector_size(64)));
 typedef struct {
     int64_t n, out, in, ldx, ldy;
     const int32_t *crow, *col;
     const float *val, *x;
     float *y;
-    const uint8_t *lrow;
 } seg_t;
 
-/* y[t:t+TJ, :] += x[t:t+TJ, :] @ D^T for one segment (model) s. */
-static void unit(const seg_t *s, int64_t t, float *restrict xt) {
-    const int64_t m = s->n - t < TJ ? s->n - t : TJ, in = s->in;
-    for (int64_t j = 0; j < TJ; j++) {
-        const float *xr = s->x + (t + j) * s->ldx;
-        if (j < m) for (int64_t c = 0; c < in; c++) xt[c * TJ + j] = xr[c];
-        else for (int64_t c = 0; c < in; c++) xt[c * TJ + j] = 0.0f;
-    }
-    float acc[RB][TJ];
-    const int32_t *restrict col = s->col;
-    const float *restrict val = s->val;
-    const uint8_t *restrict lrow = s->lrow;
-    for (int64_t r0 = 0; r0 < s->out; r0 += RB) {
-        const int64_t rn = s->out - r0 < RB ? s->out - r0 : RB;
-        const int32_t k0 = s->crow[r0], k1 = s->crow[r0 + rn];
-        if (k0 == k1) continue;
-        memset(acc, 0, sizeof(float) * TJ * rn);
-        for (int32_t k = k0; k < k1; k++) {
-            const float v = val[k];
-            const float *restrict xr = xt + (int64_t)col[k] * TJ;
-            float *restrict a = acc[lrow[k]];
-            for (int j = 0; j < TJ; j++) a[j] += v * xr[j];
-        }
-        for (int64_t j = 0; j < m; j++) {
-            float *restrict yr = s->y + (t + j) * s->ldy + r0;
-            for (int64_t rr = 0; rr < rn; rr++) yr[rr] += acc[rr][j];
+static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* In-register transpose of 16 vectors: four stages, each swapping one bit b of the row index with
+   the same bit of the column index by two-source shuffles (constant masks MA, MB). */
+#define MA_(b, c) (((c) & (b)) ? 16 + ((c) ^ (b)) : (c))
+#define MB_(b, c) (((c) & (b)) ? 16 + (c) : ((c) ^ (b)))
+#define ROW_(F, b) {F(b, 0), F(b, 1), F(b, 2), F(b, 3), F(b, 4), F(b, 5), F(b, 6), F(b, 7), \
+    F(b, 8), F(b, 9), F(b, 10), F(b, 11), F(b, 12), F(b, 13), F(b, 14), F(b, 15)}
+static const i16 MA[4] = {ROW_(MA_, 1), ROW_(MA_, 2), ROW_(MA_, 4), ROW_(MA_, 8)};
+static const i16 MB[4] = {ROW_(MB_, 1), ROW_(MB_, 2), ROW_(MB_, 4), ROW_(MB_, 8)};
+
+static inline void tr16(v16 r[16]) {
+    for (int s = 0; s < 4; s++) {
+        const int b = 1 << s;
+        for (int i = 0; i < 16; i++) {
+            if (i & b) continue;
+            v16 lo = __builtin_shuffle(r[i], r[i | b], MA[s]);
+            v16 hi = __builtin_shuffle(r[i], r[i | b], MB[s]);
+            r[i] = lo; r[i | b] = hi;
         }
     }
 }
 
-void csr_add_units(const seg_t *segs, const int64_t *unit_seg, const int64_t *unit_row,
-                   int64_t u0, int64_t u1, float *xt) {
-    for (int64_t u = u0; u < u1; u++) unit(&segs[unit_seg[u]], unit_row[u], xt);
+/* xt (in, 16V): rows t..t+m of x transposed, zero past m, so one stored entry reads V vectors. */
+static inline __attribute__((always_inline))
+void load_xt(const seg_t *s, int64_t t, int64_t m, float *restrict xt, const int V) {
+    const int64_t in = s->in, W = 16 * V, full = in & ~(int64_t)15;
+    v16 r[16];
+    for (int g = 0; g < V; g++)
+        for (int64_t c0 = 0; c0 < full; c0 += 16) {
+            for (int j = 0; j < 16; j++)
+                r[j] = 16 * g + j < m ? ld(s->x + (t + 16 * g + j) * s->ldx + c0) : (v16){0};
+            tr16(r);
+            for (int c = 0; c < 16; c++) st(xt + (c0 + c) * W + 16 * g, r[c]);
+        }
+    for (int64_t c = full; c < in; c++)
+        for (int64_t j = 0; j < W; j++) xt[c * W + j] = j < m ? s->x[(t + j) * s->ldx + c] : 0.0f;
+}
+
+/* acc[r][0:16V] = Σ_k val[k] · xt[col[k]] over the entries of rows r0..r0+rn: the row's sum stays
+   in registers, U independent chains hide the FMA latency. */
+static inline __attribute__((always_inline))
+void block_rows(const seg_t *s, int64_t r0, int64_t rn, const float *restrict xt, float *restrict acc,
+                const int V) {
+    enum { UMAX = 4 };
+    const int U = V == 1 ? 4 : 2, W = 16 * V;
+    const int32_t *restrict col = s->col;
+    const float *restrict val = s->val;
+    for (int64_t r = 0; r < rn; r++) {
+        v16 a[UMAX][4];
+        for (int u = 0; u < U; u++) for (int i = 0; i < V; i++) a[u][i] = (v16){0};
+        int32_t k = s->crow[r0 + r];
+        const int32_t k1 = s->crow[r0 + r + 1];
+        for (; k + U <= k1; k += U)
+            for (int u = 0; u < U; u++) {
+                const float *p = xt + (int64_t)col[k + u] * W;
+                for (int i = 0; i < V; i++) a[u][i] += val[k + u] * ld(p + 16 * i);
+            }
+        for (; k < k1; k++) {
+            const float *p = xt + (int64_t)col[k] * W;
+            for (int i = 0; i < V; i++) a[0][i] += val[k] * ld(p + 16 * i);
+        }
+        for (int i = 0; i < V; i++) {
+            v16 sum = a[0][i];
+            for (int u = 1; u < U; u++) sum += a[u][i];
+            st(acc + r * TW + 16 * i, sum);
+        }
+    }
+}
+
+/* y[t+j, r0+rr] += acc[rr][j] for j < m: 16×16 tiles transposed in registers, contiguous writes. */
+static inline __attribute__((always_inline))
+void write_back(const seg_t *s, int64_t t, int64_t m, int64_t r0, int64_t rn, const float *restrict acc,
+                const int V) {
+    v16 r[16];
+    int64_t rr0 = 0;
+    for (; rr0 + 16 <= rn; rr0 += 16)
+        for (int g = 0; g < V; g++) {
+            for (int i = 0; i < 16; i++) r[i] = ld(acc + (rr0 + i) * TW + 16 * g);
+            tr16(r);
+            for (int j = 0; j < 16 && 16 * g + j < m; j++) {
+                float *yr = s->y + (t + 16 * g + j) * s->ldy + r0 + rr0;
+                st(yr, ld(yr) + r[j]);
+            }
+        }
+    for (int64_t j = 0; j < m; j++) {
+        float *yr = s->y + (t + j) * s->ldy + r0;
+        for (int64_t rr = rr0; rr < rn; rr++) yr[rr] += acc[rr * TW + j];
+    }
+}
+
+static inline __attribute__((always_inline))
+void unit_v(const seg_t *s, int64_t t, int64_t m, int64_t rb, int64_t re, float *restrict xt, const int V) {
+    float acc[RB * TW] __attribute__((aligned(64)));
+    load_xt(s, t, m, xt, V);
+    for (int64_t r0 = rb; r0 < re; r0 += RB) {
+        const int64_t rn = re - r0 < RB ? re - r0 : RB;
+        if (s->crow[r0] == s->crow[r0 + rn]) continue;
+        block_rows(s, r0, rn, xt, acc, V);
+        write_back(s, t, m, r0, rn, acc, V);
+    }
+}
+
+/* Units u0..u1: unit u is rows unit[4u+1].. (at most TW) of segment unit[4u], output rows
+   unit[4u+2]..unit[4u+3]. xt: scratch of (max in) × TW floats. */
+void csr_add_units(const seg_t *segs, const int64_t *unit, int64_t u0, int64_t u1, float *xt) {
+    for (int64_t u = u0; u < u1; u++) {
+        const seg_t *s = &segs[unit[4 * u]];
+        const int64_t t = unit[4 * u + 1], rb = unit[4 * u + 2], re = unit[4 * u + 3];
+        const int64_t m = s->n - t < TW ? s->n - t : TW;
+        switch ((m + 15) / 16) {
+            case 1: unit_v(s, t, m, rb, re, xt, 1); break;
+            case 2: unit_v(s, t, m, rb, re, xt, 2); break;
+            case 3: unit_v(s, t, m, rb, re, xt, 3); break;
+            default: unit_v(s, t, m, rb, re, xt, 4); break;
+        }
+    }
 }
 """
-_PARALLEL_WORK = 1 << 17  # (entries + in + out) × TJ summed over units, above which two threads split them
+_PARALLEL_WORK = 1 << 17  # estimated multiply-adds (see `_unit_work`) above which two threads split the units
 
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
 _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csr-kernel")
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=gnu99"]
 
 
 class _Seg(ctypes.Structure):
     _fields_ = [(f, ctypes.c_int64) for f in ("n", "out", "in_", "ldx", "ldy")] + [
-        (f, ctypes.c_void_p) for f in ("crow", "col", "val", "x", "y", "lrow")]
+        (f, ctypes.c_void_p) for f in ("crow", "col", "val", "x", "y")]
 
 
 @dataclass
 class Correction:
     """One model's part of a layer: y (n, out) += x (n, in) @ Δᵀ; both row-major views (unit
-    column stride), Δ (out, in) as int32 crow/col, fp32 val and uint8 lrow (`local_rows`)."""
+    column stride), Δ (out, in) as int32 crow/col and fp32 val."""
 
     y: Tensor
     x: Tensor
     crow: Tensor
     col: Tensor
     val: Tensor
-    lrow: Tensor
 
 
 def _cache_dir() -> Path:
@@ -125,22 +211,21 @@ def _build() -> ctypes.CDLL | None:
     cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if cc is None or os.environ.get("SPARSESHOT_NO_KERNEL"):
         return None
-    tag = hashlib.sha256((_SOURCE + cc + "-mprefer-vector-width=512").encode()).hexdigest()[:16]
+    tag = hashlib.sha256((_SOURCE + cc + " ".join(_FLAGS)).encode()).hexdigest()[:16]
     path = _cache_dir() / f"csr_kernel_{tag}.so"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
             src.write_text(_SOURCE)
-            # 512-bit vectors where the CPU has them (one per stored entry of a 16-row tile; GCC's
-            # default tuning keeps 256 bits): measured 10-15 % faster on the serving shapes.
-            cmd = [cc, "-O3", "-march=native", "-mprefer-vector-width=512", "-std=c99", "-shared", "-fPIC",
-                   str(src), "-o", str(out)]
+            # 512-bit vectors where the CPU has them (GCC's default tuning keeps 256 bits; the
+            # vector type is 16 floats either way, split in two on AVX2): 10-15 % faster here.
+            cmd = [cc, *_FLAGS, "-shared", "-fPIC", str(src), "-o", str(out)]
             subprocess.run(cmd, check=True, capture_output=True, timeout=120)
             os.replace(out, path)  # atomic: a concurrent builder sees the old or the whole file
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.csr_add_units.argtypes = [ptr, ptr, ptr, i64, i64, ptr]
+    lib.csr_add_units.argtypes = [ptr, ptr, i64, i64, ptr]
     lib.csr_add_units.restype = None
     return lib
 
@@ -161,22 +246,33 @@ def available() -> bool:
         return _lib is not None
 
 
-def local_rows(crow: Tensor) -> Tensor:
-    """(nnz,) uint8: each stored entry's row within its block of RB output rows (made once per Δ)."""
-    crow = crow.long()
-    nnz = int(crow[-1])
-    # Row of entry k = number of row starts crow[1:-1] at or before k: a cumulative count of marks
-    # (repeat_interleave is an order of magnitude slower on CPU for this).
-    marks = torch.zeros(nnz + 1, dtype=torch.int64)
-    marks.index_add_(0, crow[1:-1], torch.ones(crow.numel() - 2, dtype=torch.int64))
-    return (marks[:nnz].cumsum(0) % RB).to(torch.uint8)
-
-
 def fits(c: Correction) -> bool:
     """The kernel's layout: CPU fp32 rows with unit column stride, int32 indices."""
     return (c.y.device.type == "cpu" and c.y.dtype == torch.float32 and c.x.dtype == torch.float32
-            and c.y.stride(1) == 1 and c.x.stride(1) == 1 and c.col.dtype == torch.int32
-            and c.crow.dtype == torch.int32 and c.lrow.dtype == torch.uint8)
+            and c.val.dtype == torch.float32 and c.y.stride(1) == 1 and c.x.stride(1) == 1
+            and c.col.dtype == torch.int32 and c.crow.dtype == torch.int32)
+
+
+def _units(corrections: Sequence[Correction], split: bool) -> list[tuple[int, int, int, int]]:
+    """(segment, first token row, first output row, end output row) per unit; with `split`, each
+    unit's output rows are cut in two (at a block edge) so that two threads have work."""
+    units = []
+    for i, c in enumerate(corrections):
+        out = c.y.shape[1]
+        cuts = [0, out]
+        if split and out > RB:
+            cuts = [0, (out // 2 + RB - 1) // RB * RB, out]
+        for t in range(0, c.y.shape[0], TW):
+            units += [(i, t, a, b) for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
+    return units
+
+
+def _unit_work(c: Correction, unit: tuple[int, int, int, int]) -> int:
+    """Estimated multiply-adds of a unit: entries in its output rows plus the transposes, per vector."""
+    _, t, a, b = unit
+    vectors = -(-min(TW, c.y.shape[0] - t) // 16)
+    entries = int(c.crow[b]) - int(c.crow[a])
+    return vectors * 16 * (entries + c.x.shape[1] + (b - a))
 
 
 def csr_add(corrections: Sequence[Correction]) -> None:
@@ -184,36 +280,35 @@ def csr_add(corrections: Sequence[Correction]) -> None:
     assert _lib is not None and all(fits(c) for c in corrections)
     segs = (_Seg * len(corrections))(*[
         _Seg(c.y.shape[0], c.y.shape[1], c.x.shape[1], c.x.stride(0), c.y.stride(0), c.crow.data_ptr(),
-             c.col.data_ptr(), c.val.data_ptr(), c.x.data_ptr(), c.y.data_ptr(), c.lrow.data_ptr())
+             c.col.data_ptr(), c.val.data_ptr(), c.x.data_ptr(), c.y.data_ptr())
         for c in corrections])
-    units = [(i, t) for i, c in enumerate(corrections) for t in range(0, c.y.shape[0], TJ)]
+    two = torch.get_num_threads() >= 2
+    units = _units(corrections, split=False)
+    if two and 0 < len(units) < 4:
+        units = _units(corrections, split=True)
     if not units:
         return
-    n = len(units)
-    useg = (ctypes.c_int64 * n)(*[u[0] for u in units])
-    urow = (ctypes.c_int64 * n)(*[u[1] for u in units])
-    cost = [(c.val.numel() + c.x.shape[1] + c.y.shape[1]) * TJ for c in corrections]
-    work = [cost[i] for i, _ in units]  # per unit
-    width = max(c.x.shape[1] for c in corrections) * TJ
-    _run_units(segs, useg, urow, work, width)
+    flat = (ctypes.c_int64 * (4 * len(units)))(*[v for u in units for v in u])
+    work = [_unit_work(corrections[u[0]], u) for u in units]
+    width = max(c.x.shape[1] for c in corrections) * TW
+    _run_units(segs, flat, work, width, two)
     del corrections  # the tensors behind the pointers stay alive until the units are done
 
 
-def _run_units(segs: ctypes.Array, useg: ctypes.Array, urow: ctypes.Array, work: list[int],
-               width: int) -> None:
+def _run_units(segs: ctypes.Array, units: ctypes.Array, work: list[int], width: int, two: bool) -> None:
     """Run units [0, n) in this thread, or split at half the work with the pool's thread."""
     lib, n = _lib, len(work)
     assert lib is not None
     total = sum(work)
-    if total < _PARALLEL_WORK or torch.get_num_threads() < 2 or n < 2:
+    if total < _PARALLEL_WORK or not two or n < 2:
         xt = torch.empty(width)
-        lib.csr_add_units(segs, useg, urow, 0, n, xt.data_ptr())
+        lib.csr_add_units(segs, units, 0, n, xt.data_ptr())
         return
     mid, acc = 1, work[0]
     while mid < n - 1 and 2 * (acc + work[mid]) <= total:
         acc, mid = acc + work[mid], mid + 1
     xt2 = torch.empty(width)
-    future = _pool.submit(lib.csr_add_units, segs, useg, urow, mid, n, xt2.data_ptr())
+    future = _pool.submit(lib.csr_add_units, segs, units, mid, n, xt2.data_ptr())
     xt = torch.empty(width)
-    lib.csr_add_units(segs, useg, urow, 0, mid, xt.data_ptr())
+    lib.csr_add_units(segs, units, 0, mid, xt.data_ptr())
     future.result()

@@ -14,7 +14,8 @@ at load for the forward:
 `ServingEngine.image_features(pixels, groups)` runs a batch whose rows belong to several models
 (rows grouped by model, in order). Each linear map computes the base product once for the whole
 batch, then adds each model's correction on that model's rows only: ``y[rows] += (Δ @ x[rows]ᵀ)ᵀ``
-(torch CSR × dense, which measured fastest of the CPU options tried, see the README) and
+(all models of a layer in one call of the compiled kernel, `sparseshot.kernels`; torch CSR × dense
+on other devices or without a C compiler) and
 ``scale · (x A ᵀ) Bᵀ`` for low-rank blocks. Where a layer's delta is dense enough that this costs
 more than a dense product (a cost model per layer: ``nnz · sparse_cost + low-rank work > in · out``),
 that model's rows are recomputed with its adapted weight, built on demand in a byte-bounded LRU
@@ -49,9 +50,11 @@ __all__ = ["DenseWeights", "LinearDelta", "PreparedDelta", "ServingEngine", "Ser
 
 VISION_PREFIX = "visual."
 LINEAR_SUFFIXES = ("attn.in_proj_weight", "attn.out_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-# Cost of one nonzero of a CSR correction, in multiply-adds of a dense product (measured on CPU:
-# torch.sparse.mm reaches ~1/10 of a dense GEMM's throughput per stored entry).
+# Cost of one nonzero of a CSR correction, in multiply-adds of a dense product, measured on CPU
+# (`benchmarks/kernel.py`): torch.sparse.mm reaches ~1/10 of a dense GEMM's throughput per stored
+# entry, the compiled kernel ~1/4 (it breaks even with the dense product near 25 % density).
 SPARSE_COST = 10.0
+KERNEL_SPARSE_COST = 4.0
 LOWRANK_COST = 1.5  # per multiply-add of the two thin products (small GEMMs run below peak)
 DENSE_CACHE_BYTES = 512 * 1024 * 1024  # holds every linear layer of one ViT-B vision tower (340 MB)
 # Forwards in a row that one model has alone (its rows are the whole batch) before its layers run
@@ -79,13 +82,6 @@ class LinearDelta:
     nnz: int
     lowrank: list[tuple[int, Tensor, Tensor, float]]  # (row_start, B (rows, r), A (r, in), scale)
     dense: bool = False  # the cost model prefers a dense adapted weight for this layer
-    lrow: Tensor | None = None  # (nnz,) uint8 rows within the kernel's row blocks (CPU int32 CSR only)
-
-    def __post_init__(self) -> None:
-        csr = self.csr
-        if self.lrow is None and csr is not None and csr.device.type == "cpu" \
-                and csr.crow_indices().dtype == torch.int32:
-            self.lrow = kernels.local_rows(csr.crow_indices())
 
     @property
     def nbytes(self) -> int:
@@ -93,8 +89,6 @@ class LinearDelta:
         if self.csr is not None:
             parts = (self.csr.crow_indices(), self.csr.col_indices(), self.csr.values())
             total += sum(t.numel() * t.element_size() for t in parts)
-        if self.lrow is not None:
-            total += self.lrow.numel()
         for _, b, a, _ in self.lowrank:
             total += (b.numel() + a.numel()) * 4
         return total
@@ -102,14 +96,16 @@ class LinearDelta:
     def cost(self) -> float:
         """Estimated work per input row, in dense multiply-adds (the cost model)."""
         lr = sum(a.shape[0] * (a.shape[1] + b.shape[0]) for _, b, a, _ in self.lowrank)
-        return self.nnz * SPARSE_COST + lr * LOWRANK_COST
+        kernel = self.csr is not None and self.csr.device.type == "cpu" \
+            and self.csr.crow_indices().dtype == torch.int32 and kernels.available()
+        return self.nnz * (KERNEL_SPARSE_COST if kernel else SPARSE_COST) + lr * LOWRANK_COST
 
     def kernel_part(self, x: Tensor, y: Tensor) -> kernels.Correction | None:
         """The CSR part of y += x Δᵀ as a compiled-kernel job, None when the kernel cannot take it."""
         csr = self.csr
-        if csr is None or self.lrow is None or not kernels.available():
+        if csr is None or csr.device.type != "cpu" or not kernels.available():
             return None
-        c = kernels.Correction(y, x, csr.crow_indices(), csr.col_indices(), csr.values(), self.lrow)
+        c = kernels.Correction(y, x, csr.crow_indices(), csr.col_indices(), csr.values())
         return c if kernels.fits(c) else None
 
     def correct(self, x: Tensor, y: Tensor, *, csr: bool = True) -> None:

@@ -131,11 +131,19 @@ def test_compiled_kernel_and_torch_sparse_agree(base: BaseModel, monkeypatch) ->
     monkeypatch.undo()
     if not kernels.available():
         pytest.skip("no C compiler: the torch.sparse path above is the one in use")
-    # Several models in one call, rows not a multiple of the tile, more than one row block, rows
-    # with no entries, and enough work for the two-thread split.
+    # Several models in one call: tiles of 1-4 vectors (5, 20, 37, 64 rows and a remainder of 2000),
+    # inputs and outputs off the 16×16 transposes, more than one row block, rows with no entries
+    # and dense rows (the chains' remainders), enough work for the two-thread split; then one
+    # model alone, whose output rows are split between the threads.
     g = torch.Generator().manual_seed(0)
+    for shapes in (((2000, 40, 64, 200), (37, 150, 33, 900), (5, 70, 20, 0), (20, 130, 48, 3000),
+                    (64, 96, 768, 5000)), ((50, 300, 96, 4000),)):
+        _check_kernel(kernels, shapes, g)
+
+
+def _check_kernel(kernels, shapes, g: torch.Generator) -> None:
     jobs, want = [], []
-    for n, out, inn, k in ((2000, 40, 64, 200), (37, 150, 33, 900), (5, 70, 20, 0)):
+    for n, out, inn, k in shapes:
         d = torch.zeros(out, inn)
         d.view(-1)[torch.randperm(d.numel(), generator=g)[:k]] = torch.randn(k, generator=g)
         d[3] = 0.0
@@ -143,10 +151,7 @@ def test_compiled_kernel_and_torch_sparse_agree(base: BaseModel, monkeypatch) ->
         crow, col = c.crow_indices().int(), c.col_indices().int()
         x, y = torch.randn(n, inn, generator=g), torch.randn(n, out, generator=g)
         want.append(y + x @ d.T)
-        jobs.append(kernels.Correction(y, x, crow, col, c.values(), kernels.local_rows(crow)))
-    for job in jobs:  # each entry's row within its block, against the plain definition
-        rows = torch.repeat_interleave(torch.arange(job.crow.numel() - 1), job.crow.long().diff())
-        assert torch.equal(job.lrow, (rows % kernels.RB).to(torch.uint8))
+        jobs.append(kernels.Correction(y, x, crow, col, c.values()))
     kernels.csr_add(jobs)
     for job, w in zip(jobs, want, strict=True):
         torch.testing.assert_close(job.y, w, atol=1e-4, rtol=1e-4)
