@@ -79,7 +79,7 @@ def _probabilities(
     out: list[list[float]] = []
     for chunk in _chunks(keys, settings.max_files_per_request):
         images = [(key, _decode(key, storage, settings)) for key in chunk]  # one at a time, reduced
-        with inference.serving_errors(model.id):
+        with inference.serving_errors(model.id, model.base_model):
             results = inference.classify(model=model, images=images, top_k=len(model.classes),
                                          storage=storage)
         for r in results:
