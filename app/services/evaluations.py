@@ -97,16 +97,9 @@ def _decode(key: str, storage: Storage, settings: Settings) -> object:
 
 def _report_json(classes: list[str], report: metrics.Report, excluded: Counter[str]) -> dict:
     """The stored figures (JSON): what EvaluationPublic shows besides the row's columns."""
-    return {
-        "classes": list(classes),
-        "per_class": {
-            c: {"precision": r.precision, "recall": r.recall, "f1": r.f1, "support": r.support}
-            for c, r in zip(classes, report.classes, strict=True)
-        },
-        "confusion_matrix": report.confusion,
-        "suggested_thresholds": dict(zip(classes, report.thresholds, strict=True)),
-        "excluded_labels": dict(sorted(excluded.items())),
-    }
+    figures = metrics.report_json(report, classes)
+    keep = ("classes", "per_class", "confusion_matrix", "suggested_thresholds")  # the rest: row columns
+    return {**{k: figures[k] for k in keep}, "excluded_labels": dict(sorted(excluded.items()))}
 
 
 def list_evaluations(
