@@ -13,6 +13,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from app.jobs.status import JobStatus
 from sparseshot.configs import params_json_schema
 from sparseshot.text_rules import MAX_CLASS_NAME_CHARS, MAX_TEMPLATE_CHARS, NAME_PATTERN, TEMPLATE_PATTERN
+from sparseshot.validation import DEFAULT_FOLDS, MAX_FOLDS, MIN_TRAIN, validation_json_schema
 
 # Names (datasets, models, classes) and templates follow `sparseshot.text_rules`, the one owner of
 # what may reach a prompt. The same rule is in the OpenAPI schema (`pattern`), and the length limit
@@ -144,11 +145,20 @@ class JobCreate(RequestBody):
     )
     validation: dict[str, Any] | None = Field(
         default=None,
-        description='Hold images out of training to measure validation accuracy: `{"holdout": 0.2}` '
-        '(a fraction of each class, at least one image) or `{"holdout_per_class": 1}`. A class always '
-        "keeps 2 training images (smaller classes hold none out); the job reports `val_accuracy` in "
-        "its history and the model's metrics.",
-        examples=[{"holdout": 0.2}],
+        description='Measure the model on images it did not train on: `{"holdout": 0.2}` (a fraction of '
+        'each class, at least one image) or `{"holdout_per_class": 1}` hold images out of training (a '
+        f"class always keeps {MIN_TRAIN} training images; smaller classes hold none out), reported as "
+        "`val_accuracy`; "
+        f'when no class has more than {MIN_TRAIN} images the job runs `{{"kfold": k}}` instead (k = '
+        f'min({DEFAULT_FOLDS}, shots), at least 2), which can also be asked for: `{{"kfold": k}}` (2 to '
+        f"{MAX_FOLDS}) trains k folds with the "
+        "quick preset's schedule, each on the other folds' images, measures each on its own "
+        "(stratified per class, seeded) and then trains the model on all images; reported as "
+        "`cv_accuracy` (the folds' mean), the folds' accuracies, and the time they take is part of "
+        "`estimated_seconds` and of the progress' steps. Either way the model's `metrics.validation` holds "
+        "per-class precision / recall / F1 / support and the confusion matrix.",
+        examples=[{"holdout": 0.2}, {"holdout_per_class": 1}, {"kfold": 3}],
+        json_schema_extra=validation_json_schema(),
     )
     webhook_url: str | None = Field(
         default=None, max_length=2048,
@@ -173,7 +183,10 @@ class JobPublic(BaseModel):
     base_model: str
     params: dict[str, Any]
     preset: str | None = None
-    validation: dict[str, Any] | None = Field(default=None, description="The validation split asked for.")
+    validation: dict[str, Any] | None = Field(
+        default=None,
+        description='The validation the job runs: the option as asked, or `{"kfold": k}` where a '
+        f"held-out split was asked for and no class has more than {MIN_TRAIN} images.")
     estimated_seconds: float | None = Field(
         default=None,
         description="Planned steps x the measured step time of this base and method on the worker's "
@@ -238,7 +251,10 @@ class ModelPublic(BaseModel):
     template: str | None
     job_id: str | None
     delta: DeltaInfo
-    metrics: dict[str, Any]
+    metrics: dict[str, Any] = Field(
+        description="The training's figures (steps, final_loss, train_accuracy, ...); with a validation "
+        "`val_accuracy` (held out) or `cv_accuracy` / `cv_folds` (k-fold) and `validation`: the report "
+        "(mode, accuracy, n_images, classes, per_class, confusion_matrix, suggested_thresholds).")
     created_at: datetime
 
 

@@ -318,7 +318,8 @@ class Client:
     def train(self, dataset: Resource, method: str = "so", preset: str | None = None,
               params: Mapping[str, Any] | None = None, base_model: str | None = None,
               validation: Mapping[str, Any] | None = None, webhook_url: str | None = None) -> Job:
-        """Start a job; `validation` holds images out, e.g. {"holdout": 0.2} (see the API docs);
+        """Start a job; `validation` holds images out, e.g. {"holdout": 0.2}, or cross-validates,
+        {"kfold": 3} (see the API docs; the model's metrics["validation"] holds the report);
         `webhook_url` is POSTed to when the job ends."""
         body: dict[str, Any] = {"dataset_id": _id(dataset), "method": method, "params": dict(params or {})}
         if validation is not None:

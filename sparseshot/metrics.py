@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,22 @@ def evaluate(probs: Sequence[Sequence[float]], y_true: Sequence[int], n_classes:
                   for c in range(n_classes)]
     return Report(accuracy=accuracy(matrix), confusion=matrix, classes=per_class(matrix),
                   thresholds=thresholds)
+
+
+def report_json(report: Report, classes: Sequence[str]) -> dict[str, Any]:
+    """The JSON form of a report (what evaluations store and a job's validation reports):
+    accuracy, n_images, classes, per_class (label -> precision, recall, f1, support),
+    confusion_matrix (rows true, columns predicted, in `classes` order), suggested_thresholds."""
+    if len(classes) != len(report.classes):
+        raise ValueError(f"{len(classes)} class names for a report of {len(report.classes)} classes")
+    return {
+        "accuracy": report.accuracy,
+        "n_images": sum(sum(row) for row in report.confusion),
+        "classes": list(classes),
+        "per_class": {
+            c: {"precision": r.precision, "recall": r.recall, "f1": r.f1, "support": r.support}
+            for c, r in zip(classes, report.classes, strict=True)
+        },
+        "confusion_matrix": report.confusion,
+        "suggested_thresholds": dict(zip(classes, report.thresholds, strict=True)),
+    }

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sparseshot.checkpoint import CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_STEPS, CheckpointFile, run_key
+from sparseshot.metrics import evaluate, report_json
 from sparseshot.prompts import DEFAULT_TEMPLATE, embed_tokens, format_prompts, text_features
 
 __all__ = ["SO_WEIGHTS", "AdaptResult", "Cancelled", "Progress", "Run", "planned_steps", "result_meta",
@@ -71,6 +72,8 @@ class AdaptResult:
     metrics: dict[str, Any]  # steps, total_steps, final_loss, train_accuracy, train_seconds, ...
     method: str
     hparams: dict[str, Any] = field(default_factory=dict)
+    # With held-out images: (n_val, C) class probabilities of each by the final model, in input order.
+    val_probs: list[list[float]] | None = None
 
 
 def trainable_weights(
@@ -466,6 +469,18 @@ class Run:
             correct += int((pred == labels[s:s + 64]).sum())
         return correct / len(images)
 
+    @torch.no_grad()
+    def _probabilities(self, images: list[Any]) -> Tensor:
+        """(n, C) softmax over logit_scale · cos(image, class) of (non-augmented) images."""
+        txt = text_features(self.model, self.tokens).float()
+        scale = float(self.model.logit_scale.exp())
+        out = []
+        for s in range(0, len(images), 64):
+            x = torch.stack([self.base.preprocess_eval(im) for im in images[s:s + 64]]).to(self.device)
+            img = F.normalize(self.model.encode_image(x), dim=-1).float()
+            out.append((scale * img @ txt.t()).softmax(dim=-1).cpu())
+        return torch.cat(out)
+
     def _result(self) -> AdaptResult:
         from sparseshot.delta import CLASS_EMBEDDINGS, SparseDelta
 
@@ -477,9 +492,10 @@ class Run:
         else:
             delta = self._lora_delta(meta)
         delta.extras[CLASS_EMBEDDINGS] = emb
-        return AdaptResult(delta, emb, self._metrics(delta), self.method, dict(self.hp))
+        probs = self._probabilities(self.val_images).tolist() if self.val_images else None
+        return AdaptResult(delta, emb, self._metrics(delta, probs), self.method, dict(self.hp), probs)
 
-    def _metrics(self, delta: Any) -> dict[str, Any]:
+    def _metrics(self, delta: Any, val_probs: list[list[float]] | None) -> dict[str, Any]:
         last_loss = self.last_epoch[0] if self.last_epoch else None
         metrics = {
             "steps": self.step,
@@ -492,9 +508,11 @@ class Run:
             "train_seconds": self.elapsed,
             "nnz": delta.nnz,
         }
-        if self.val_images:  # the final model on the held-out images
-            metrics.update(val_accuracy=self._accuracy(self.val_images, self.val_labels_t),
-                           val_images=len(self.val_images), train_images=len(self.images))
+        if val_probs is not None:  # the final model on the held-out images
+            report = evaluate(val_probs, self.val_labels_t.tolist(), len(self.classes))
+            metrics.update(val_accuracy=report.accuracy, val_images=len(self.val_images),
+                           train_images=len(self.images),
+                           validation={"mode": "holdout", **report_json(report, self.classes)})
         if self.method == "so":
             trained = sum(p.numel() for p in self.trainable.values())
             metrics.update(trained_entries=trained, delta_fraction=delta.nnz / max(1, trained),

@@ -91,9 +91,9 @@ def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> 
     with session_scope() as s:
         model = model_service.add_model(session=s, tenant_id=claim.tenant_id, delta=delta, key=key,
                                         base_model=claim.base_model, method=claim.method,
-                                        job_id=claim.job_id, metrics=_jsonable(result.metrics))
+                                        job_id=claim.job_id, metrics=_jsonable(result.metrics or {}))
         metrics = result.metrics or {}
-        step = int(metrics["steps"]) if metrics.get("steps") else None
+        step = int(metrics["steps"]) + int(metrics.get("cv_steps") or 0) if metrics.get("steps") else None
         if not lifecycle.succeed(s, claim=claim, model_id=model.id, now=utcnow(), step=step,
                                  loss=optional_float(metrics.get("final_loss")),
                                  train_accuracy=optional_float(metrics.get("train_accuracy"))):
@@ -102,16 +102,18 @@ def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> 
     return True
 
 
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[k] = v
-        elif hasattr(v, "item"):
-            out[k] = v.item()
-        else:
-            out[k] = str(v)
-    return out
+def _jsonable(value: Any) -> Any:
+    """Metrics as JSON: numbers (tensor or numpy scalars as Python ones), strings, None, and lists
+    and objects of them (the validation report); anything else as its string."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
 
 
 def run_job(job_id: str, *, runtime: Runtime, worker: str | None = None) -> str:
@@ -149,15 +151,58 @@ def _run_claimed(claim: Claim, runtime: Runtime) -> str:
 Examples = tuple[list[Any], list[int]]
 
 
-def _split(claim: Claim, images: list[Any], labels: list[int]) -> tuple[Examples, Examples]:
-    """(training, held-out) images and labels under the job's validation option (none: all train)."""
-    if not claim.validation:
-        return (images, labels), ([], [])
-    from sparseshot.validation import holdout_split
+def _split(claim: Claim, images: list[Any], labels: list[int],
+           n_classes: int) -> tuple[Examples, Examples, int]:
+    """(training, held-out, folds) under the job's validation option as `sparseshot.validation.resolve`
+    makes it of the images there now: held out (folds 0), k-fold (all images train the model,
+    folds k) or none (all train, folds 0)."""
+    from sparseshot.validation import holdout_split, resolve
 
-    split = holdout_split(labels, claim.validation, seed=int(claim.params.get("seed", 0)))
+    counts = [labels.count(c) for c in range(n_classes)]
+    option = resolve(claim.validation, counts, strict=False)
+    if option is None or "kfold" in option:
+        return (images, labels), ([], []), int(option["kfold"]) if option else 0
+    split = holdout_split(labels, option, seed=int(claim.params.get("seed", 0)))
     return (([images[i] for i in split.train], [labels[i] for i in split.train]),
-            ([images[i] for i in split.val], [labels[i] for i in split.val]))
+            ([images[i] for i in split.val], [labels[i] for i in split.val]), 0)
+
+
+def _cross_validate(claim: Claim, base: Any, examples: Examples, classes: list[str], folds: int,
+                    on_progress: Any, should_stop: Any) -> Any:
+    """The job's k-fold cross-validation (sparseshot.crossval) before its training on all images."""
+    from sparseshot import crossval
+    from sparseshot.validation import fold_hparams
+
+    images, labels = examples
+    after = crossval.planned(claim.method, claim.params, len(images), len(classes))
+    return crossval.cross_validate(base, images, labels, classes, claim.method, folds=folds,
+                                   on_progress=on_progress, should_stop=should_stop, steps_after=after,
+                                   **fold_hparams(claim.method, claim.params))
+
+
+def _fit(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path, base: Any, classes: list[str],
+         images: list[Any], labels: list[int]) -> Any:
+    """The job's validation (`_split`: held out, or k-fold folds first) and its training: the
+    sparseshot.adapt result, the cross-validation's figures added to its metrics."""
+    import sparseshot
+    from sparseshot.crossval import shifted
+
+    train, val, folds = _split(claim, images, labels, len(classes))
+    cv = None
+    if folds:
+        cv = _cross_validate(claim, base, train, classes, folds,
+                             progress_writer(claim, runtime, with_history=False), watcher.should_stop)
+    result = sparseshot.adapt(
+        base, *train, classes, claim.method,
+        on_progress=shifted(progress_writer(claim, runtime), cv.steps if cv else 0),
+        should_stop=watcher.should_stop, checkpoint=str(ckpt), val_images=val[0], val_labels=val[1],
+        **claim.params,
+    )
+    if cv is not None:
+        result.metrics.update(cv.metrics(classes))
+    elif claim.validation and not val[0]:  # the dataset shrank since the submit
+        result.metrics["val_images"] = 0
+    return result
 
 
 def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tuple[str, str | None]:
@@ -172,14 +217,7 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
         history.record_environment(claim=claim, device=getattr(base, "device", None), engine=runtime.engine)
         if watcher.should_stop():
             raise sparseshot.Cancelled()
-        train, val = _split(claim, images, labels)
-        result = sparseshot.adapt(
-            base, *train, classes, claim.method,
-            on_progress=progress_writer(claim, runtime), should_stop=watcher.should_stop,
-            checkpoint=str(ckpt), val_images=val[0], val_labels=val[1], **claim.params,
-        )
-        if claim.validation and not val[0]:  # the dataset shrank since the submit
-            result.metrics["val_images"] = 0
+        result = _fit(claim, runtime, watcher, ckpt, base, classes, images, labels)
     except sparseshot.Cancelled:
         return ("lost", None) if watcher.lost.is_set() else ("cancelled", None)
     except JobError as e:

@@ -73,15 +73,18 @@ def optional_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def progress_writer(claim: Claim, runtime: Runtime) -> Callable[[Any], None]:
+def progress_writer(claim: Claim, runtime: Runtime, *, with_history: bool = True) -> Callable[[Any], None]:
     """on_progress callback: writes step/total/loss/acc/eta at most every progress_interval_s
-    (always the final step)."""
+    (always the final step), and the training history unless `with_history` is False (the
+    cross-validation folds: the history is the curve of the model's own training)."""
     last = [0.0]
     record_history = history.progress_recorder(
-        claim=claim, every_steps=runtime.settings.history_every_steps, engine=runtime.engine)
+        claim=claim, every_steps=runtime.settings.history_every_steps, engine=runtime.engine,
+    ) if with_history else None
 
     def on_progress(p: Any) -> None:
-        record_history(p)  # every few steps, its own rule
+        if record_history is not None:
+            record_history(p)  # every few steps, its own rule
         now = time.monotonic()
         final = p.total_steps is not None and p.step >= p.total_steps
         if not final and now - last[0] < runtime.settings.progress_interval_s:
@@ -98,3 +101,4 @@ def progress_writer(claim: Claim, runtime: Runtime) -> Callable[[Any], None]:
             log.warning("job %s progress write failed: %s", claim.job_id, e)
 
     return on_progress
+

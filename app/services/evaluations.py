@@ -79,7 +79,7 @@ def _probabilities(
     out: list[list[float]] = []
     for chunk in _chunks(keys, settings.max_files_per_request):
         images = [(key, _decode(key, storage, settings)) for key in chunk]  # one at a time, reduced
-        with inference.serving_errors(model.id):
+        with inference.serving_errors(model.id, model.base_model):
             results = inference.classify(model=model, images=images, top_k=len(model.classes),
                                          storage=storage)
         for r in results:
@@ -97,16 +97,9 @@ def _decode(key: str, storage: Storage, settings: Settings) -> object:
 
 def _report_json(classes: list[str], report: metrics.Report, excluded: Counter[str]) -> dict:
     """The stored figures (JSON): what EvaluationPublic shows besides the row's columns."""
-    return {
-        "classes": list(classes),
-        "per_class": {
-            c: {"precision": r.precision, "recall": r.recall, "f1": r.f1, "support": r.support}
-            for c, r in zip(classes, report.classes, strict=True)
-        },
-        "confusion_matrix": report.confusion,
-        "suggested_thresholds": dict(zip(classes, report.thresholds, strict=True)),
-        "excluded_labels": dict(sorted(excluded.items())),
-    }
+    figures = metrics.report_json(report, classes)
+    keep = ("classes", "per_class", "confusion_matrix", "suggested_thresholds")  # the rest: row columns
+    return {**{k: figures[k] for k in keep}, "excluded_labels": dict(sorted(excluded.items()))}
 
 
 def list_evaluations(

@@ -111,7 +111,7 @@ def _build(*, session: Session, storage: Storage, model: Model, spec: Format) ->
     with objects.pinned(session=session, storage=storage, keys=[key]):
         if not storage.exists(key):  # deleted between the check above and the pin
             raise ModelNotReady(f"the delta file of model {model_id} is not available")
-        with inference.serving_errors(model_id):  # base unavailable: 503; delta unusable: 409
+        with inference.serving_errors(model_id, base_spec):  # base unavailable: 503; delta unusable: 409
             base = bases.get_base(base_spec)
             delta = SparseDelta.from_bytes(storage.get(key))
             try:

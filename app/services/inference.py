@@ -34,11 +34,13 @@ if TYPE_CHECKING:
 
 
 @contextmanager
-def serving_errors(model_id: str | None) -> Iterator[None]:
+def serving_errors(model_id: str | None, base_model: str | None = None) -> Iterator[None]:
     """The one mapping of serving failures to problems.
 
-    Base model unavailable, queue full or too slow: 503 (with Retry-After). The model's delta
-    missing, corrupt or made for another base: 409.
+    Base model unavailable: 503 with Retry-After = the base registry's remaining backoff for
+    `base_model` (default: the configured base) when its load failed, else serving_retry_after_s.
+    Queue full or too slow: 503 (Retry-After serving_retry_after_s). The model's delta missing,
+    corrupt or made for another base: 409.
     """
     from sparseshot.serving import ServingError
 
@@ -46,7 +48,9 @@ def serving_errors(model_id: str | None) -> Iterator[None]:
     try:
         yield
     except (BaseModelError, ServingError) as e:
-        raise Unavailable(f"the base model is not available: {e}", retry_after_s=retry) from e
+        down = bases.unavailable(base_model or get_settings().base_model)
+        raise Unavailable(f"the base model is not available: {e}",
+                          retry_after_s=down[1] if down else retry) from e
     except (QueueFull, QueueTimeout) as e:
         raise Unavailable(f"the server is busy: {e}", retry_after_s=retry) from e
     except (DeltaError, StorageError, FileNotFoundError) as e:

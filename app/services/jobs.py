@@ -56,13 +56,19 @@ def training_device(settings: Settings) -> str:
 
 
 def estimate_seconds(*, settings: Settings, base_model: str, method: str, params: dict,
-                     n_images: int, n_classes: int) -> float | None:
-    """Planned steps x the measured step time (sparseshot.presets); None where unmeasured."""
+                     counts: list[int], validation: dict | None = None) -> float | None:
+    """Planned steps x the measured step time (sparseshot.presets), the k-fold trainings of a
+    `{"kfold": k}` validation included; None where unmeasured."""
     from sparseshot.presets import estimate_seconds as estimate
     from sparseshot.recipe import planned_steps
+    from sparseshot.validation import fold_hparams, fold_plans
 
-    _shots, steps, batch = planned_steps(params, n_images, n_classes)
-    return estimate(base_model, method, training_device(settings), steps=steps, batch=batch)
+    runs = [planned_steps(params, sum(counts), len(counts))[1:]]
+    if validation and "kfold" in validation:
+        runs += fold_plans(counts, int(validation["kfold"]), fold_hparams(method, params))
+    device = training_device(settings)
+    parts = [estimate(base_model, method, device, steps=steps, batch=batch) for steps, batch in runs]
+    return None if any(p is None for p in parts) else round(sum(p or 0.0 for p in parts), 1)
 
 
 def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Tenant, body: JobCreate) -> Job:
@@ -89,7 +95,7 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     quotas.check_steps(tenant=tenant, settings=settings, hparams=params, n_images=sum(counts.values()),
                        n_classes=len(counts))
     estimate = estimate_seconds(settings=settings, base_model=base_model, method=body.method, params=params,
-                                n_images=sum(counts.values()), n_classes=len(counts))
+                                counts=list(counts.values()), validation=validation)
     quotas.check_new_job(session=session, tenant=tenant, settings=settings)  # locks until the commit
     job = lifecycle.create(session, tenant_id=tenant.id, dataset_id=dataset.id, method=body.method,
                            base_model=base_model, params=params, webhook_url=body.webhook_url)
@@ -100,17 +106,14 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
 
 
 def _validation(option: dict | None, counts: dict[str, int]) -> dict | None:
-    """The normalised validation option; 422 when it is malformed or no class can hold an image out."""
-    from sparseshot.validation import MIN_TRAIN, held_out_count, parse_validation
+    """The validation the job runs (`sparseshot.validation.resolve`): the normalised option, or
+    `{"kfold": k}` when no class can hold an image out; 422 when it is malformed or impossible."""
+    from sparseshot.validation import parse_validation, resolve
 
     try:
-        parsed = parse_validation(option)
+        return resolve(parse_validation(option), list(counts.values()))
     except ValueError as e:
         raise InvalidInput(str(e)) from None
-    if parsed is not None and not any(held_out_count(n, parsed) for n in counts.values()):
-        raise InvalidInput(f"validation: no class has more than {MIN_TRAIN} images, so none can be held out "
-                           "(cross-validation of small datasets is not available)")
-    return parsed
 
 
 def _check_base_available(spec: str) -> None:

@@ -87,3 +87,32 @@ def test_jobs_are_refused_while_the_base_is_unavailable(
     failing_loads["clock"].t += 31
     bases.get_base(settings.base_model)  # the retry is due and succeeds
     assert api.job(ds["id"]).status_code == 202
+
+
+def test_serving_answers_the_bases_backoff_as_retry_after(
+    api: Api, settings: Settings, failing_loads: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """503 while the base cannot load carries the registry's remaining backoff, not
+    serving_retry_after_s (which stays for a busy queue)."""
+    from app.services import inference
+    from sparseshot.delta import SparseDelta
+
+    assert settings.serving_retry_after_s == 1
+    clock = failing_loads["clock"]
+    zeroshot = {"classes": ["cat", "dog"]}
+    r = api.client.post("/v1/models/zeroshot", json=zeroshot, headers=api.headers)
+    assert "SPARSESHOT_BASE_MODEL" in api.problem(r, 503)["detail"]
+    assert r.headers["Retry-After"] == "30" and failing_loads["calls"] == 1  # the first failure's backoff
+    clock.t += 12
+    r = api.client.post("/v1/models/zeroshot", json=zeroshot, headers=api.headers)
+    assert api.problem(r, 503) and r.headers["Retry-After"] == "18" and failing_loads["calls"] == 1
+
+    empty = SparseDelta.empty({"classes": ["cat", "dog"], "template": "a photo of a {}."})
+    with monkeypatch.context() as m:  # a stored model, made without the base
+        m.setattr(inference, "zeroshot_delta", lambda **_kw: empty)
+        model = api.client.post("/v1/models/zeroshot", json=zeroshot, headers=api.headers).json()
+    files = [("files", ("q.png", api.image(), "image/png"))]
+    clock.t += 20  # the retry is due: it fails again, and the backoff doubles
+    r = api.client.post(f"/v1/models/{model['id']}/classify", files=files, headers=api.headers)
+    assert "base model" in api.problem(r, 503)["detail"]
+    assert r.headers["Retry-After"] == "60" and failing_loads["calls"] == 2

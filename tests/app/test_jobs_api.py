@@ -6,6 +6,7 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session
 
 from app.models import Job
+from sparseshot import presets
 from tests.fakes import RecordingQueue
 
 
@@ -108,12 +109,15 @@ def test_other_tenants_jobs_are_404(api, make_key) -> None:
 
 
 def test_job_validation_option(api, enqueued: list[str]) -> None:
-    ds = api.ready_dataset()  # one image per class: nothing can be held out
-    body = api.problem(api.job(ds["id"], params={"n_iters": 3}, validation={"holdout": 0.2}), 422)
-    assert "none can be held out" in body["detail"]
+    ds = api.ready_dataset()  # one image per class: nothing can be held out, so k-fold runs instead
+    r = api.job(ds["id"], params={"n_iters": 3}, validation={"holdout": 0.2})
+    assert r.status_code == 202, r.text
+    assert r.json()["validation"] == {"kfold": 2}  # min(3, shots = 1), at least 2
+    body = api.problem(api.job(ds["id"], validation={"kfold": 3}), 422)  # 3 folds of 2 images
+    assert "3-fold" in body["detail"] and "the dataset has 2" in body["detail"]
     for colour in ((250, 0, 0), (240, 0, 0)):  # cat: 3 images, dog: 1
         assert api.upload(ds["id"], "cat", api.image(colour)).status_code == 201
-    for bad in ({"holdout": 0.9}, {"holdout_per_class": 0}, {"kfold": 3},
+    for bad in ({"holdout": 0.9}, {"holdout_per_class": 0}, {"kfold": 1}, {"kfold": 11}, {"folds": 3},
                 {"holdout": 0.2, "holdout_per_class": 1}):
         assert "validation" in api.problem(api.job(ds["id"], validation=bad), 422)["detail"]
     r = api.job(ds["id"], params={"n_iters": 3}, validation={"holdout_per_class": 1})
@@ -122,4 +126,19 @@ def test_job_validation_option(api, enqueued: list[str]) -> None:
     assert api.client.get(f"/v1/jobs/{r.json()['id']}", headers=api.headers).json()["validation"] == {
         "holdout_per_class": 1}
     assert api.job(ds["id"], params={"n_iters": 3}).json()["validation"] is None
-    assert len(enqueued) == 2
+    assert api.job(ds["id"], validation={"kfold": 4}).json()["validation"] == {"kfold": 4}
+    assert len(enqueued) == 4
+
+
+def test_kfold_trainings_are_part_of_the_estimate(api) -> None:
+    ds = api.ready_dataset()
+    for colour in ((250, 0, 0), (0, 0, 250)):  # 2 images per class: 2 shots
+        assert api.upload(ds["id"], "cat" if colour[0] else "dog", api.image(colour)).status_code == 201
+    plain = api.job(ds["id"]).json()  # standard preset: 2000 x 2 steps, batch 4
+    cv = api.job(ds["id"], validation={"kfold": 2}).json()
+    quick = presets.PRESETS["quick"]["so"]["n_iters"]
+    # each fold trains on one image per class (1 shot, batch 2) with the quick preset's n_iters
+    fold = presets.estimate_seconds("sparseshot-tiny:random", "so", "cpu", steps=quick, batch=2)
+    assert fold is not None and fold > 0
+    assert cv["estimated_seconds"] == round(plain["estimated_seconds"] + 2 * fold, 1)
+    assert cv["estimated_seconds"] > plain["estimated_seconds"]

@@ -217,12 +217,14 @@ def test_console_whole_flow_in_chromium(tmp_path: Path, procs: list[Proc], brows
     # Train with small params; the job page polls until it succeeds and draws the curves.
     job_form = page.css("#job-create")
     job_form.find_element(page.By.NAME, "params").send_keys(TRAIN_PARAMS)
+    job_form.find_element(page.By.NAME, "holdout").send_keys("0.2")  # one image of each class held out
     job_form.find_element(page.By.CSS_SELECTOR, "button[type=submit]").click()
     page.until(lambda: "#/jobs/" in browser.current_url, what="job page")
     job_id = browser.current_url.rsplit("/", 1)[1]
     page.until(lambda: page.all('#job-status [data-status="succeeded"]'), 240, "job succeeded")
     job = http.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded" and job["params"]["n_iters"] == 50, job
+    assert job["validation"] == {"holdout": 0.2}, job
     total = job["progress"]["total_steps"]
     assert page.css("#job-step").text == f"{total} / {total}"
     _check_chart_drawn(page)
@@ -233,6 +235,15 @@ def test_console_whole_flow_in_chromium(tmp_path: Path, procs: list[Proc], brows
     page.text_in("h1", "Model")
     model = http.get(f"/v1/models/{job['model_id']}").json()
     assert "red, green, blue" in page.css("#model-info").text
+    val = model["metrics"]["validation"]  # the validation card: the job's held-out images
+    assert val["mode"] == "holdout" and val["n_images"] == 3, val
+    assert page.css("#val-accuracy").text == f"{100 * val['accuracy']:.1f} %"
+    cells = [[int(td.text) for td in tr.find_elements(page.By.TAG_NAME, "td")]
+             for tr in page.all("#val-confusion tr")[1:]]
+    assert cells == val["confusion_matrix"]
+    rows = page.all("#val-per-class tr[data-class]")
+    assert [tr.get_attribute("data-class") for tr in rows] == val["classes"]
+    assert "confusion_matrix" not in page.css("#model-metrics").text  # not dumped as JSON there
     page.drop("#classify-input", files["green"][0])  # drag and drop
     page.text_in("#classify-results", files["green"][0].name)
     page.css("#classify-input").send_keys(str(files["red"][0]))

@@ -22,9 +22,12 @@ import sparseshot
 from app.db import session_scope
 from app.jobs import lifecycle
 from app.jobs.status import JobStatus
-from app.models import Dataset, Image, Job, Model, Tenant, utcnow
+from app.models import Dataset, Image, Job, JobHistory, Model, Tenant, utcnow
 from app.storage import get_storage
 from app.webhooks import dispatch
+from sparseshot import crossval
+from sparseshot.presets import PRESETS
+from sparseshot.recipe import Progress
 from tests.fakes import Receiver
 from worker import tasks
 from worker.claims import claim_job
@@ -49,6 +52,7 @@ class FakeDelta:
 class FakeResult:
     delta: FakeDelta
     metrics: dict[str, Any]
+    val_probs: list[list[float]] | None = None
 
 
 def fake_adapt_factory(calls: list[dict[str, Any]], *, steps: int = 3, sleep: float = 0.0,
@@ -65,19 +69,16 @@ def fake_adapt_factory(calls: list[dict[str, Any]], *, steps: int = 3, sleep: fl
                 raise fail
             time.sleep(sleep)
             if on_progress is not None:
-                on_progress(_P(step, steps, 1.0 / step, 0.5, (steps - step) * sleep))
-        return FakeResult(FakeDelta(), {"steps": steps, "final_loss": 0.25, "train_accuracy": 1.0})
+                on_progress(Progress(step, steps, 1.0 / step, 0.5, (steps - step) * sleep))
+        metrics = {"steps": steps, "final_loss": 0.25, "train_accuracy": 1.0}
+        if not val_labels:
+            return FakeResult(FakeDelta(), metrics)
+        probs = [[1.0 if c == 0 else 0.0 for c in range(len(classes))] for _ in val_labels]  # always class 0
+        metrics["val_accuracy"] = sum(y == 0 for y in val_labels) / len(val_labels)
+        metrics["validation"] = {"mode": "holdout", "n_images": len(val_labels)}  # the library adds a report
+        return FakeResult(FakeDelta(), metrics, probs)
 
     return adapt
-
-
-@dataclass
-class _P:
-    step: int
-    total_steps: int
-    loss: float
-    train_accuracy: float
-    eta_seconds: float
 
 
 @pytest.fixture
@@ -85,6 +86,7 @@ def fake_lib(monkeypatch):
     calls: list[dict[str, Any]] = []
     monkeypatch.setitem(vars(sparseshot), "Cancelled", FakeCancelled)
     monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory(calls))
+    monkeypatch.setattr(crossval, "adapt", fake_adapt_factory(calls))  # the folds of a k-fold job
     monkeypatch.setattr(tasks, "get_base", lambda spec: SimpleNamespace(image_size=16))
     return calls
 
@@ -152,12 +154,66 @@ def test_validation_split_holds_images_out_of_training(settings, runtime, fake_l
     assert call["n_images"] == 6 and sorted(call["labels"]) == [0, 0, 0, 1, 1, 1]
     assert sorted(call["val_labels"]) == [0, 1] and len(call["val_sizes"]) == 2
     assert "val_images" not in call["hparams"]
-    small = make_job(n_per_class=2, validation={"holdout": 0.5})  # classes of 2: nothing to hold out
-    assert tasks.run_job(small, runtime=runtime, worker="w1") == "succeeded"
-    assert fake_lib[1]["val_labels"] == [] and fake_lib[1]["n_images"] == 4
-    with session_scope() as s:
-        assert s.get(Model, get_job(small).model_id).metrics["val_images"] == 0
+    with session_scope() as s:  # stored as JSON, not flattened to a string
+        stored = s.get(Model, get_job(job_id).model_id).metrics["validation"]
+    assert stored == {"mode": "holdout", "n_images": 2}
     assert fake_lib[0]["hparams"] == {"n_iters": 3, "seed": 5} and get_job(job_id).validation is not None
+
+
+def test_too_few_images_to_hold_out_cross_validate_first(settings, runtime, fake_lib):
+    job_id = make_job(n_per_class=2, validation={"holdout": 0.5}, params={"n_iters": 3, "seed": 5})
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
+    *folds, final = fake_lib
+    assert len(folds) == 2  # k = min(3, shots = 2)
+    for call in folds:  # each trains on one image per class and is measured on the others
+        assert sorted(call["labels"]) == [0, 1] and sorted(call["val_labels"]) == [0, 1]
+        assert call["hparams"]["lr"] == PRESETS["quick"]["so"]["lr"] and call["hparams"]["n_iters"] == 3
+        assert call["checkpoint"] is None
+    assert final["n_images"] == 4 and final["val_labels"] == []
+    assert final["hparams"] == {"n_iters": 3, "seed": 5}  # the job's own
+    job = get_job(job_id)
+    assert job.step == job.total_steps == 3 * 3  # two folds and the training, 3 steps each (the fakes)
+    with session_scope() as s:
+        metrics = s.get(Model, job.model_id).metrics
+        history_steps = [r.step for r in s.query(JobHistory).filter_by(job_id=job_id)]
+    assert metrics["cv_folds"] == 2 and metrics["cv_accuracy"] == 0.5 and metrics["cv_steps"] == 6
+    v = metrics["validation"]
+    assert v["mode"] == "kfold" and v["fold_accuracies"] == [0.5, 0.5] and v["n_images"] == 4
+    assert v["confusion_matrix"] == [[2, 0], [2, 0]] and v["per_class"]["dog"]["support"] == 2
+    assert history_steps and min(history_steps) > 6  # the curve is the model's own training
+
+
+def test_a_dataset_too_small_to_validate_trains_unvalidated(settings, runtime, fake_lib):
+    job_id = make_job(n_per_class=1, validation={"holdout": 0.5})
+    with session_scope() as s:  # one image left: nothing to validate on when the job runs
+        s.delete(s.query(Image).filter_by(dataset_id=s.get(Job, job_id).dataset_id).first())
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
+    assert len(fake_lib) == 1 and fake_lib[0]["val_labels"] == [] and fake_lib[0]["n_images"] == 1
+    with session_scope() as s:
+        metrics = s.get(Model, get_job(job_id).model_id).metrics
+    assert metrics["val_images"] == 0 and "validation" not in metrics
+
+
+def test_cancel_during_the_folds(settings, runtime, monkeypatch, fake_lib):
+    calls: list[dict[str, Any]] = []
+    monkeypatch.setattr(crossval, "adapt", fake_adapt_factory(calls, steps=200, sleep=0.05))
+    job_id = make_job(n_per_class=2, validation={"kfold": 2})
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, runtime=runtime, worker="w1")))
+    t.start()
+    deadline = time.monotonic() + 5
+    while get_job(job_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job = get_job(job_id)
+    assert job.status == "running" and job.total_steps is not None
+    # this fold's 200 (as the fake reports them), the second fold's planned 3 (n_iters 3, 1 shot) and
+    # the training's 6 (2 shots)
+    assert job.total_steps == 200 + 3 + 6
+    with session_scope() as s:
+        s.get(Job, job_id).cancel_requested = True
+    t.join(timeout=10)
+    assert out == ["cancelled"] and len(calls) == 1 and fake_lib == []  # in the first fold; no training
+    assert get_job(job_id).status == "cancelled"
 
 
 def test_a_finished_job_notifies_its_webhook_with_the_model(settings, runtime, fake_lib, monkeypatch):
@@ -301,6 +357,21 @@ def test_real_training_produces_a_servable_model(settings, runtime, method):
     (pred,) = inference.classify(model=model, images=[("q.png", PILImage.new("RGB", (8, 8)))], top_k=2)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
+
+
+def test_real_kfold_job(settings, runtime):
+    job_id = make_job(n_per_class=2, params={"n_iters": 2, "batch_size": 4}, validation={"kfold": 2})
+    assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded", get_job(job_id).error
+    job = get_job(job_id)
+    with session_scope() as s:
+        metrics = s.get(Model, job.model_id).metrics
+    assert metrics["cv_steps"] >= 2 * 2  # two folds of n_iters x 1 shot (plus any refine steps)
+    assert job.step == job.total_steps == metrics["cv_steps"] + metrics["steps"]
+    v = metrics["validation"]
+    assert v["mode"] == "kfold" and v["classes"] == ["cat", "dog"] and len(v["fold_accuracies"]) == 2
+    assert [sum(row) for row in v["confusion_matrix"]] == [2, 2]  # every image measured once
+    assert v["accuracy"] == metrics["cv_accuracy"] == sum(v["fold_accuracies"]) / 2
+    assert {m["support"] for m in v["per_class"].values()} == {2}
 
 
 

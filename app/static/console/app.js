@@ -220,7 +220,9 @@ function jobForm(dataset) {
       h("label", {}, " Preset ", h("select", { name: "preset" }, h("option", { value: "" }, "(server default)"),
         ["quick", "standard", "thorough"].map((p) => h("option", { value: p }, p))))),
     h("label", {}, "Validation: hold out ", h("input", { name: "holdout", type: "number", min: "0", max: "0.5", step: "0.05", placeholder: "0" }),
-      " of each class (classes keep 2 training images)"),
+      " of each class (classes keep 2 training images; when none has more, k-fold cross-validation runs instead), or ",
+      h("input", { name: "kfold", type: "number", min: "2", max: "10", step: "1", placeholder: "k" }),
+      "-fold cross-validation (k trainings with the quick preset's schedule first)"),
     h("label", {}, "Params (JSON, optional; e.g. ", h("code", {}, '{"n_iters": 50, "lr": 0.01}'), ")",
       h("textarea", { name: "params", placeholder: "{}" })),
     h("button", { type: "submit" }, "Start training"));
@@ -234,7 +236,10 @@ function jobForm(dataset) {
     const body = { dataset_id: dataset.id, method: form.elements["method"].value, params };
     if (form.elements["preset"].value) body.preset = form.elements["preset"].value; // only when the user picks one
     const holdout = Number(form.elements["holdout"].value || 0);
+    const kfold = Number(form.elements["kfold"].value || 0);
+    if (holdout > 0 && kfold > 0) throw new Error("validation: a hold-out fraction or k-fold, not both");
     if (holdout > 0) body.validation = { holdout };
+    if (kfold > 0) body.validation = { kfold };
     const job = await api("POST", "/v1/jobs", { json: body });
     if (job.estimated_seconds !== undefined) sessionStorage.setItem(`est.${job.id}`, String(job.estimated_seconds));
     location.hash = `#/jobs/${job.id}`;
@@ -399,29 +404,52 @@ function fmtValue(v) {
 }
 
 function metricsTable(metrics) {
-  const rows = Object.entries(metrics || {})
+  // Scalar training metrics; the validation report (an object) has its own card (validationView).
+  const rows = Object.entries(metrics || {}).filter(([k]) => k !== "validation")
     .map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, fmtValue(v))));
   return rows.length ? h("table", { id: "model-metrics" }, rows) : h("p", { class: "muted" }, "No metrics recorded.");
 }
 
+function reportTables(r, prefix) {
+  // Per-class precision/recall/F1/support/threshold and the confusion matrix of a report
+  // ({classes, per_class, suggested_thresholds, confusion_matrix}: an evaluation or a job's validation).
+  const order = r.classes;
+  return [h("table", { id: `${prefix}-per-class` }, h("tr", {}, ["class", "precision", "recall", "F1", "support", "threshold"].map((t) => h("th", {}, t))),
+    order.map((c) => { const m = r.per_class[c]; const t = r.suggested_thresholds[c];
+      return h("tr", { "data-class": c }, h("td", {}, c), h("td", {}, fmtPct(m.precision)), h("td", {}, fmtPct(m.recall)),
+        h("td", {}, fmtPct(m.f1)), h("td", {}, String(m.support)), h("td", {}, t === null || t === undefined ? "—" : fmtNum(t, 3))); })),
+  h("h3", {}, "Confusion matrix (rows: true class, columns: predicted)"),
+  h("table", { class: "matrix", id: `${prefix}-confusion` }, h("tr", {}, h("th", {}, ""), order.map((c) => h("th", {}, c))),
+    r.confusion_matrix.map((row, i) => h("tr", {}, h("th", {}, order[i]),
+      row.map((n, j) => h("td", { class: i === j ? "diag" : "" }, String(n))))))];
+}
+
 function evaluationView(ev) {
   // One stored evaluation: accuracy, per-class precision/recall/F1/support/threshold, confusion matrix.
-  const order = ev.classes;
   const parts = [h("div", { class: "stats" }, stat("accuracy", fmtPct(ev.accuracy), "eval-accuracy"),
     stat("images", String(ev.n_images), "eval-images"),
     ev.excluded_images ? stat("not evaluated", String(ev.excluded_images)) : null),
     h("p", { class: "muted" }, `Dataset ${ev.dataset_id ? ev.dataset_id.slice(0, 8) : "(deleted)"}, ${fmtDate(ev.created_at)}.`,
       ev.excluded_images ? ` Labels not among the model's classes, left out: ${Object.entries(ev.excluded_labels).map(([l, n]) => `${l} (${n})`).join(", ")}.` : "",
-      " Threshold: the probability that maximises the class's F1 on this dataset.")];
-  parts.push(h("table", { id: "eval-per-class" }, h("tr", {}, ["class", "precision", "recall", "F1", "support", "threshold"].map((t) => h("th", {}, t))),
-    order.map((c) => { const m = ev.per_class[c]; const t = ev.suggested_thresholds[c];
-      return h("tr", { "data-class": c }, h("td", {}, c), h("td", {}, fmtPct(m.precision)), h("td", {}, fmtPct(m.recall)),
-        h("td", {}, fmtPct(m.f1)), h("td", {}, String(m.support)), h("td", {}, t === null ? "—" : fmtNum(t, 3))); })));
-  parts.push(h("h3", {}, "Confusion matrix (rows: true class, columns: predicted)"),
-    h("table", { class: "matrix", id: "eval-confusion" }, h("tr", {}, h("th", {}, ""), order.map((c) => h("th", {}, c))),
-      ev.confusion_matrix.map((row, i) => h("tr", {}, h("th", {}, order[i]),
-        row.map((n, j) => h("td", { class: i === j ? "diag" : "" }, String(n)))))));
+      " Threshold: the probability that maximises the class's F1 on this dataset."),
+    reportTables(ev, "eval")];
   return h("div", { class: "evaluation", "data-evaluation": ev.id }, parts);
+}
+
+function validationView(v) {
+  // The training job's validation (metrics.validation): held-out images, or k-fold cross-validation.
+  const kfold = v.mode === "kfold";
+  const note = kfold
+    ? `${v.folds}-fold cross-validation with the ${v.preset} preset's schedule before the training on all images: ` +
+      "the mean of the folds' accuracies; per class and the matrix pooled over the folds (each image measured once, " +
+      "by the fold that did not train on it)."
+    : "Images held out of training, measured with the final model.";
+  return h("div", { class: "evaluation", id: "model-validation" },
+    h("div", { class: "stats" }, stat(kfold ? "cross-validated accuracy" : "validation accuracy", fmtPct(v.accuracy), "val-accuracy"),
+      stat("images", String(v.n_images), "val-images"),
+      kfold ? stat("per fold", v.fold_accuracies.map(fmtPct).join(" · "), "val-folds") : null),
+    h("p", { class: "muted" }, note, " Threshold: the probability that maximises the class's F1 on these images."),
+    reportTables(v, "val"));
 }
 
 async function evaluationSection(model) {
@@ -500,6 +528,7 @@ async function pageModel(view, id) {
           ["created", fmtDate(m.created_at)]].map(([k, v]) => h("tr", {}, h("th", {}, k), h("td", {}, v)))),
         m.job_id ? h("p", {}, h("a", { href: `#/jobs/${m.job_id}` }, "training job")) : "", h("p", {}, fmt, " ", dl, dlBox)),
       h("div", { class: "card" }, h("h2", {}, "Training metrics"), metricsTable(m.metrics))),
+    m.metrics && m.metrics.validation ? h("div", { class: "card" }, h("h2", {}, "Validation"), validationView(m.metrics.validation)) : null,
     h("div", { class: "card" }, h("h2", {}, "Evaluation"), await evaluationSection(m)),
     h("div", { class: "card" }, h("h2", {}, "Try it"), h("p", {}, h("label", {}, "Threshold (labels below it are dropped) ", cut)),
       zone, h("div", { class: "tryit" }, preview, out)));
