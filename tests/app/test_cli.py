@@ -12,7 +12,7 @@ from app.db import session_scope
 from app.services import auth
 
 
-def test_keys_create_list_revoke(settings, capsys):
+def test_keys_create_list_revoke(env_settings, capsys):
     assert cli.main(["migrate"]) == 0  # idempotent on a migrated database
     assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
     key = capsys.readouterr().out.strip().splitlines()[-1]
@@ -73,7 +73,7 @@ def test_keys_create_before_migrate_and_blank_tenant_are_clear_errors(tmp_path, 
         get_settings.cache_clear()
 
 
-def test_tenants_set_limits(settings, capsys):
+def test_tenants_set_limits(env_settings, capsys):
     from app import quotas
     from app.models import Tenant
 
@@ -85,9 +85,9 @@ def test_tenants_set_limits(settings, capsys):
     assert "max_running_jobs" in out and "(tenant)" in out
     with session_scope() as s:
         tenant = s.query(Tenant).filter_by(name="acme").one()
-        limits = quotas.limits_of(tenant, settings)
+        limits = quotas.limits_of(tenant, env_settings)
     assert limits["max_running_jobs"] == 1 and limits["max_models"] == 0
-    assert limits["max_queued_jobs"] == settings.max_queued_jobs  # untouched: the default
+    assert limits["max_queued_jobs"] == env_settings.max_queued_jobs  # untouched: the default
     # `default` clears one override and keeps the others.
     assert cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-models", "default"]) == 0
     with session_scope() as s:

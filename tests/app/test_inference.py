@@ -207,7 +207,7 @@ def _store_delta(base, classes, *, perturb: float | None, seed: int) -> str:
     return get_storage().put(delta.to_bytes())
 
 
-def test_real_models_served_concurrently_match_the_classifier(settings) -> None:
+def test_real_models_served_concurrently_match_the_classifier(env_settings) -> None:
     from PIL import Image
 
     from app.storage import get_storage
@@ -218,7 +218,7 @@ def test_real_models_served_concurrently_match_the_classifier(settings) -> None:
 
     class Row:
         def __init__(self, key: str) -> None:
-            self.id, self.base_model, self.delta_key = key[:8], settings.base_model, key
+            self.id, self.base_model, self.delta_key = key[:8], env_settings.base_model, key
 
     keys = [_store_delta(base, ["a", "b", "c"], perturb=p, seed=i) for i, p in enumerate((None, 0.5, -0.5))]
     rows = [Row(k) for k in keys]
@@ -242,7 +242,7 @@ def test_real_models_served_concurrently_match_the_classifier(settings) -> None:
     inference.reset()
 
 
-def test_zeroshot_delta_is_servable(settings) -> None:
+def test_zeroshot_delta_is_servable(env_settings) -> None:
     from PIL import Image
 
     from app.storage import get_storage
@@ -252,14 +252,14 @@ def test_zeroshot_delta_is_servable(settings) -> None:
     key = get_storage().put(delta.to_bytes())
 
     class Row:
-        id, base_model, delta_key = "zs", settings.base_model, key
+        id, base_model, delta_key = "zs", env_settings.base_model, key
 
     (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
 
 
-def test_base_ready_does_not_block_while_loading(settings, monkeypatch) -> None:
+def test_base_ready_does_not_block_while_loading(env_settings, monkeypatch) -> None:
     import sparseshot
 
     release = threading.Event()
