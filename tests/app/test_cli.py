@@ -97,3 +97,12 @@ def test_tenants_set_limits(env_settings, capsys):
     assert "no tenant" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-models", "-1"])
+
+
+def test_serve_without_the_worker_plugin_says_how_to_fix_it(env_settings, monkeypatch):
+    monkeypatch.setattr(cli, "plugins", lambda: [])
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["serve", "--no-migrate"])
+    assert cli.PLUGIN_GROUP in str(stop.value) and "setup.sh" in str(stop.value)
+    with pytest.raises(SystemExit):  # and no `worker` command
+        cli.main(["worker"])
