@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import shared_task, signals
 
@@ -22,7 +22,7 @@ from app.jobs.lifecycle import Claim, JobStatus
 from app.models import utcnow
 from app.runtime import Runtime
 from app.services import bases, history
-from app.storage import get_storage
+from app.storage import Storage
 from app.webhooks.dispatch import start_dispatcher
 from worker import context
 from worker.celery_app import TRAIN_TASK
@@ -32,6 +32,9 @@ from worker.liveness import start_liveness
 from worker.memory import keep_freed_memory
 from worker.recovery import start_sweeper
 from worker.watcher import Watcher, optional_float, progress_writer
+
+if TYPE_CHECKING:  # torch: only in the pool process that trains
+    from sparseshot.delta import SparseDelta
 
 log = logging.getLogger(__name__)
 
@@ -73,11 +76,11 @@ def checkpoint_path(job_id: str, settings: Settings) -> Path:
     return path
 
 
-def _store_delta(delta: Any, settings: Settings) -> str:
+def _store_delta(delta: SparseDelta, storage: Storage) -> str:
     """Save the delta into content-addressed storage (written atomically there); returns its key."""
     from app.services import models as model_service  # imports torch: pool children only
 
-    return model_service.store_delta(storage=get_storage(), delta=delta)
+    return model_service.store_delta(storage=storage, delta=delta)
 
 
 def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> bool:
@@ -165,7 +168,6 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
     # sparseshot (torch) only in the pool process that trains: the main process stays light.
     import sparseshot
 
-    settings = runtime.settings
     try:
         classes, images, labels = load_examples(claim, runtime)
         base = get_base(claim.base_model)
@@ -189,7 +191,7 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
         return "failed", f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
     # Storage or database errors from here on propagate: the job stays running without a
     # heartbeat, and the recovery sweep re-runs it rather than failing a finished training.
-    key = _store_delta(result.delta, settings)
+    key = _store_delta(result.delta, runtime.storage)
     return ("succeeded", None) if _commit_success(claim, result, classes, key) else ("lost", None)
 
 

@@ -79,9 +79,9 @@ def _probabilities(
     out: list[list[float]] = []
     for chunk in _chunks(keys, settings.max_files_per_request):
         images = [(key, _decode(key, storage, settings)) for key in chunk]  # one at a time, reduced
-        with inference.serving_errors(model.id):
+        with inference.serving_errors(model.id, settings):
             results = inference.classify(model=model, images=images, top_k=len(model.classes),
-                                         storage=storage)
+                                         storage=storage, settings=settings)
         for r in results:
             scores = {ls["label"]: ls["score"] for ls in r["labels"]}
             out.append([float(scores.get(c, 0.0)) for c in model.classes])

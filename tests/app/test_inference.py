@@ -224,7 +224,8 @@ def test_real_models_served_concurrently_match_the_classifier(env_settings) -> N
     rows = [Row(k) for k in keys]
     imgs = [(f"{i}.png", Image.new("RGB", (40, 40), (i * 60, 255 - i * 50, 90))) for i in range(4)]
     jobs = [(rows[i % 3],) for i in range(12)]
-    got = _parallel(lambda r: inference.classify(model=r, images=imgs, top_k=3), jobs)
+    serve = dict(storage=get_storage(), settings=env_settings)
+    got = _parallel(lambda r: inference.classify(model=r, images=imgs, top_k=3, **serve), jobs)
     for (r,), out in zip(jobs, got, strict=True):
         clf = Classifier(base, SparseDelta.from_bytes(get_storage().get(r.delta_key)))
         want = clf.predict([im for _, im in imgs], top_k=3)
@@ -238,7 +239,7 @@ def test_real_models_served_concurrently_match_the_classifier(env_settings) -> N
     from sparseshot.delta import DeltaError
 
     with pytest.raises((StorageError, FileNotFoundError, DeltaError)):
-        inference.classify(model=Row("0" * 64), images=imgs, top_k=1)
+        inference.classify(model=Row("0" * 64), images=imgs, top_k=1, **serve)
     inference.reset()
 
 
@@ -254,7 +255,8 @@ def test_zeroshot_delta_is_servable(env_settings) -> None:
     class Row:
         id, base_model, delta_key = "zs", env_settings.base_model, key
 
-    (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5)
+    (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5,
+                                 storage=get_storage(), settings=env_settings)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
 
