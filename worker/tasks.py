@@ -34,7 +34,9 @@ from worker.recovery import start_sweeper
 from worker.watcher import Watcher, optional_float, progress_writer
 
 if TYPE_CHECKING:  # torch: only in the pool process that trains
+    from sparseshot.base import BaseModel
     from sparseshot.delta import SparseDelta
+    from sparseshot.train import AdaptResult
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +46,7 @@ MAX_ERROR_CHARS = 2000
 # ---------------------------------------------------------------- base models, once per process
 
 
-def get_base(spec: str) -> Any:
+def get_base(spec: str) -> BaseModel:
     """The process's base model for `spec`, from the one registry (app.services.bases)."""
     return bases.get_base(spec)
 
@@ -83,7 +85,7 @@ def _store_delta(delta: SparseDelta, storage: Storage) -> str:
     return model_service.store_delta(storage=storage, delta=delta)
 
 
-def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> bool:
+def _commit_success(claim: Claim, result: AdaptResult, classes: list[str], key: str) -> bool:
     """Model row + job succeeded in ONE transaction; False (nothing written) if not ours anymore."""
     delta = result.delta
     delta.meta.setdefault("classes", classes)

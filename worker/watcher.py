@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.db import session_scope
 from app.jobs import lifecycle
@@ -17,6 +17,9 @@ from app.jobs.lifecycle import Claim
 from app.models import utcnow
 from app.runtime import Runtime
 from app.services import history
+
+if TYPE_CHECKING:
+    from sparseshot.train import Progress
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +76,14 @@ def optional_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def progress_writer(claim: Claim, runtime: Runtime) -> Callable[[Any], None]:
+def progress_writer(claim: Claim, runtime: Runtime) -> Callable[[Progress], None]:
     """on_progress callback: writes step/total/loss/acc/eta at most every progress_interval_s
     (always the final step)."""
     last = [0.0]
     record_history = history.progress_recorder(
         claim=claim, every_steps=runtime.settings.history_every_steps, engine=runtime.engine)
 
-    def on_progress(p: Any) -> None:
+    def on_progress(p: Progress) -> None:
         record_history(p)  # every few steps, its own rule
         now = time.monotonic()
         final = p.total_steps is not None and p.step >= p.total_steps

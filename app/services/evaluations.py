@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,6 +29,9 @@ from app.services import images as imgcheck
 from app.services.datasets import get_dataset
 from app.services.models import check_servable, get_model
 from app.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 from sparseshot import metrics
 
 T = TypeVar("T")
@@ -88,7 +91,7 @@ def _probabilities(
     return out
 
 
-def _decode(key: str, storage: Storage, settings: Settings) -> object:
+def _decode(key: str, storage: Storage, settings: Settings) -> PILImage:
     try:
         return imgcheck.decode_stored(storage.get(key), settings.image_decode_side, settings.max_image_pixels)
     except (StorageError, imgcheck.Rejected) as e:

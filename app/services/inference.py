@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -29,8 +29,20 @@ from sparseshot.base import BaseModelError
 from sparseshot.delta import DeltaError
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from sparseshot.delta import SparseDelta
     from sparseshot.serving import PreparedDelta, ServingEngine
+
+
+class ServedModel(Protocol):
+    """What serving reads of a model: an app.models.Model row (or a stand-in with these)."""
+
+    @property
+    def base_model(self) -> str: ...
+
+    @property
+    def delta_key(self) -> str: ...
 
 
 @contextmanager
@@ -138,7 +150,7 @@ def reset() -> None:
 # ---------------------------------------------------------------- the service functions
 
 
-def _pixels(spec: str, images: Sequence[Any]) -> torch.Tensor:
+def _pixels(spec: str, images: Sequence[Image]) -> torch.Tensor:
     """(n, 3, S, S) eval-preprocessed RGB images (in the caller's thread, in parallel across requests)."""
     base = bases.get_base(spec)
     rgb = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
@@ -146,7 +158,8 @@ def _pixels(spec: str, images: Sequence[Any]) -> torch.Tensor:
 
 
 def classify(
-    *, model: Any, images: Sequence[tuple[str, Any]], top_k: int, storage: Storage, settings: Settings
+    *, model: ServedModel, images: Sequence[tuple[str, Image]], top_k: int, storage: Storage,
+    settings: Settings,
 ) -> list[dict[str, Any]]:
     """Top-k labels per image: [{"filename", "labels": [{"label", "score"}]}] in input order.
 
