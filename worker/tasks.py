@@ -85,7 +85,9 @@ def _store_delta(delta: SparseDelta, storage: Storage) -> str:
     return model_service.store_delta(storage=storage, delta=delta)
 
 
-def _commit_success(claim: Claim, result: AdaptResult, classes: list[str], key: str) -> bool:
+def _commit_success(
+    claim: Claim, result: AdaptResult, classes: list[str], key: str, runtime: Runtime
+) -> bool:
     """Model row + job succeeded in ONE transaction; False (nothing written) if not ours anymore."""
     delta = result.delta
     delta.meta.setdefault("classes", classes)
@@ -93,7 +95,7 @@ def _commit_success(claim: Claim, result: AdaptResult, classes: list[str], key: 
         delta.meta["template"] = claim.params["template"]
     from app.services import models as model_service  # imports torch: pool children only
 
-    with session_scope() as s:
+    with session_scope(runtime.engine) as s:
         model = model_service.add_model(session=s, tenant_id=claim.tenant_id, delta=delta, key=key,
                                         base_model=claim.base_model, method=claim.method,
                                         job_id=claim.job_id, metrics=_jsonable(result.metrics))
@@ -194,7 +196,8 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
     # Storage or database errors from here on propagate: the job stays running without a
     # heartbeat, and the recovery sweep re-runs it rather than failing a finished training.
     key = _store_delta(result.delta, runtime.storage)
-    return ("succeeded", None) if _commit_success(claim, result, classes, key) else ("lost", None)
+    ok = _commit_success(claim, result, classes, key, runtime)
+    return ("succeeded", None) if ok else ("lost", None)
 
 
 @shared_task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
