@@ -16,7 +16,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from app.core.config import Settings
     from app.queue import Queue
+    from sparseshot.client import Client, Job
 
 log = logging.getLogger("sparseshot.cli")
 
@@ -219,7 +220,7 @@ def run_bench(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- client commands (HTTP API)
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> Client:
     from sparseshot.client import Client
 
     return Client(args.url, args.key)
@@ -264,7 +265,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait(job: Any, timeout: float | None) -> int:
+def _wait(job: Job, timeout: float | None) -> int:
     from sparseshot.client import JobFailed
 
     try:
@@ -397,7 +398,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(func: Any) -> Any:
+Command = Callable[[argparse.Namespace], int]
+
+
+def _guarded(func: Command) -> Command:
     """A client command whose API, connection and input errors print one line and exit 1."""
 
     def run(args: argparse.Namespace) -> int:
@@ -418,7 +422,7 @@ def _guarded(func: Any) -> Any:
     return run
 
 
-def _add_client_commands(sub: Any) -> None:
+def _add_client_commands(sub: _SubParsersAction[argparse.ArgumentParser]) -> None:
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument("--url", default=None, help="API URL (default $SPARSESHOT_URL or http://127.0.0.1:8000)")
     conn.add_argument("--key", default=None, help="API key (default $SPARSESHOT_API_KEY)")
