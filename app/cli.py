@@ -1,8 +1,10 @@
-"""The `sparseshot` command: serve, worker, migrate, keys, tenants, bench; and, over the HTTP API through
+"""The `sparseshot` command: serve, migrate, keys, tenants, bench; and, over the HTTP API through
 `sparseshot.client`: datasets, train, jobs, classify, models, demo.
 
-This is where the processes are assembled, so it is the one module of `app/` that imports
-`worker/` (the Celery-backed queue, the worker): tests/sparseshot/test_layers.py allows it here only.
+What `app/` does not implement comes from plugins, the `sparseshot.cli` entry points
+(pyproject.toml; `PLUGIN_GROUP`, the `Plugin` protocol): the worker package's (`worker/cli.py`)
+adds the `worker` command and gives `sparseshot serve` its training queue and embedded worker, so
+`app/` imports nothing of `worker/` (tests/sparseshot/test_layers.py).
 Imports are inside the commands so that `--help` stays fast.
 """
 
@@ -14,13 +16,50 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
+    from argparse import _SubParsersAction
+
     from app.core.config import Settings
+    from app.queue import Queue
+    from sparseshot.client import Client, Job
 
 log = logging.getLogger("sparseshot.cli")
+
+PLUGIN_GROUP = "sparseshot.cli"  # entry points naming a Plugin object (pyproject.toml)
+
+class Stoppable(Protocol):
+    def stop(self) -> None: ...
+
+
+class Plugin(Protocol):
+    """What another package adds to the `sparseshot` command."""
+
+    def add_commands(self, sub: _SubParsersAction[argparse.ArgumentParser]) -> None:
+        """Add its subcommands (each with `func`, as the ones here)."""
+
+    def queue(self, settings: Settings) -> Queue:
+        """The training queue `sparseshot serve` plugs into the API's runtime."""
+
+    def start_worker(self, settings: Settings) -> Stoppable:
+        """Start the worker `sparseshot serve` runs beside the API without a broker URL."""
+
+
+def plugins() -> list[Plugin]:
+    """The installed `sparseshot.cli` plugins, by entry point name."""
+    return [ep.load() for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)]
+
+
+def _serving_plugin() -> Plugin:
+    found = plugins()
+    if not found:
+        raise SystemExit(f"error: `sparseshot serve` needs the training queue of a `{PLUGIN_GROUP}` plugin "
+                         "(the worker package's): none is installed; reinstall the project "
+                         "(bash scripts/setup.sh, or pip install -e .)")
+    return found[0]
 
 
 def _settings() -> Settings:
@@ -48,21 +87,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from app.main import create_app
     from app.services import bases
     from app.webhooks.dispatch import start_dispatcher
-    from worker.dispatch import CeleryQueue
-    from worker.embedded import EmbeddedWorker
 
+    plugin = _serving_plugin()
     settings = _settings()
     if not args.no_migrate:
         cmd_migrate(args)
     bases.warm_up()  # load the base model in the background while the server starts
     embedded = None
     if not settings.broker_url and not args.no_worker:
-        embedded = EmbeddedWorker(settings.queue_name).start()
+        embedded = plugin.start_worker(settings)
     # uvicorn handles SIGTERM itself, then re-raises it to the handler it found: make that one
     # unwind (SystemExit) instead of killing the process, so `finally` stops the worker.
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
-        api = create_app(settings, queue=CeleryQueue.for_settings(settings))
+        api = create_app(settings, queue=plugin.queue(settings))
         # Webhooks of jobs this process ends (a queued job cancelled), and any others due.
         start_dispatcher(api.state.runtime)
         uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)
@@ -74,17 +112,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _exit_on_signal(signum: int, _frame: object) -> None:
     raise SystemExit(0)
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    """A Celery worker on the training queue (one training at a time)."""
-    from worker.celery_app import make_celery
-    from worker.embedded import worker_argv
-
-    settings = _settings()
-    argv = worker_argv(settings.queue_name, loglevel=args.log_level, hostname=args.hostname)
-    make_celery(settings).worker_main(argv[2:])  # drop "-A worker.main": the app is given
-    return 0
 
 
 def _schema_missing() -> str | None:
@@ -193,7 +220,7 @@ def run_bench(argv: Sequence[str]) -> int:
 # ---------------------------------------------------------------- client commands (HTTP API)
 
 
-def _client(args: argparse.Namespace) -> Any:
+def _client(args: argparse.Namespace) -> Client:
     from sparseshot.client import Client
 
     return Client(args.url, args.key)
@@ -238,7 +265,7 @@ def cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
-def _wait(job: Any, timeout: float | None) -> int:
+def _wait(job: Job, timeout: float | None) -> int:
     from sparseshot.client import JobFailed
 
     try:
@@ -371,7 +398,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _guarded(func: Any) -> Any:
+Command = Callable[[argparse.Namespace], int]
+
+
+def _guarded(func: Command) -> Command:
     """A client command whose API, connection and input errors print one line and exit 1."""
 
     def run(args: argparse.Namespace) -> int:
@@ -392,7 +422,7 @@ def _guarded(func: Any) -> Any:
     return run
 
 
-def _add_client_commands(sub: Any) -> None:
+def _add_client_commands(sub: _SubParsersAction[argparse.ArgumentParser]) -> None:
     conn = argparse.ArgumentParser(add_help=False)
     conn.add_argument("--url", default=None, help="API URL (default $SPARSESHOT_URL or http://127.0.0.1:8000)")
     conn.add_argument("--key", default=None, help="API key (default $SPARSESHOT_API_KEY)")
@@ -481,9 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-migrate", action="store_true", help="skip `migrate` (a prestart step ran it)")
     s.set_defaults(func=cmd_serve)
 
-    w = sub.add_parser("worker", help="run a training worker (Celery)")
-    w.add_argument("--hostname", default=None, help="Celery node name (default: unique)")
-    w.set_defaults(func=cmd_worker)
+    for plugin in plugins():  # the worker package's: `worker`
+        plugin.add_commands(sub)
 
     m = sub.add_parser("migrate", help="bring the database schema up to date")
     m.set_defaults(func=cmd_migrate)

@@ -23,8 +23,11 @@ class Runtime:
     engine: Engine
     storage: Storage
     queue: Queue
-    # Slot for the base-model registry; today app/services/inference and worker/tasks own their
-    # caches of sparseshot.load_base, to be moved here with the one registry.
+    # Slot for the base-model registry, not wired: app.services.bases is the one registry of a
+    # process and is also reached without a Runtime (the serving path under
+    # app.services.models.classify, which benchmarks/serving.py drives in-process; `sparseshot
+    # serve`'s warm-up before the API's Runtime exists). A registry per Runtime would split the
+    # loads and the remembered failures between those callers.
     bases: object | None = None
 
     @classmethod

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import shared_task, signals
 
@@ -22,7 +22,7 @@ from app.jobs.lifecycle import Claim, JobStatus
 from app.models import utcnow
 from app.runtime import Runtime
 from app.services import bases, history
-from app.storage import get_storage
+from app.storage import Storage
 from app.webhooks.dispatch import start_dispatcher
 from worker import context
 from worker.celery_app import TRAIN_TASK
@@ -33,6 +33,11 @@ from worker.memory import keep_freed_memory
 from worker.recovery import start_sweeper
 from worker.watcher import Watcher, optional_float, progress_writer
 
+if TYPE_CHECKING:  # torch: only in the pool process that trains
+    from sparseshot.base import BaseModel
+    from sparseshot.delta import SparseDelta
+    from sparseshot.train import AdaptResult
+
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
@@ -41,7 +46,7 @@ MAX_ERROR_CHARS = 2000
 # ---------------------------------------------------------------- base models, once per process
 
 
-def get_base(spec: str) -> Any:
+def get_base(spec: str) -> BaseModel:
     """The process's base model for `spec`, from the one registry (app.services.bases)."""
     return bases.get_base(spec)
 
@@ -73,14 +78,16 @@ def checkpoint_path(job_id: str, settings: Settings) -> Path:
     return path
 
 
-def _store_delta(delta: Any, settings: Settings) -> str:
+def _store_delta(delta: SparseDelta, storage: Storage) -> str:
     """Save the delta into content-addressed storage (written atomically there); returns its key."""
     from app.services import models as model_service  # imports torch: pool children only
 
-    return model_service.store_delta(storage=get_storage(), delta=delta)
+    return model_service.store_delta(storage=storage, delta=delta)
 
 
-def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> bool:
+def _commit_success(
+    claim: Claim, result: AdaptResult, classes: list[str], key: str, runtime: Runtime
+) -> bool:
     """Model row + job succeeded in ONE transaction; False (nothing written) if not ours anymore."""
     delta = result.delta
     delta.meta.setdefault("classes", classes)
@@ -88,7 +95,7 @@ def _commit_success(claim: Claim, result: Any, classes: list[str], key: str) -> 
         delta.meta["template"] = claim.params["template"]
     from app.services import models as model_service  # imports torch: pool children only
 
-    with session_scope() as s:
+    with session_scope(runtime.engine) as s:
         model = model_service.add_model(session=s, tenant_id=claim.tenant_id, delta=delta, key=key,
                                         base_model=claim.base_model, method=claim.method,
                                         job_id=claim.job_id, metrics=_jsonable(result.metrics or {}))
@@ -210,7 +217,6 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
     # sparseshot (torch) only in the pool process that trains: the main process stays light.
     import sparseshot
 
-    settings = runtime.settings
     try:
         classes, images, labels = load_examples(claim, runtime)
         base = get_base(claim.base_model)
@@ -227,8 +233,9 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
         return "failed", f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS]
     # Storage or database errors from here on propagate: the job stays running without a
     # heartbeat, and the recovery sweep re-runs it rather than failing a finished training.
-    key = _store_delta(result.delta, settings)
-    return ("succeeded", None) if _commit_success(claim, result, classes, key) else ("lost", None)
+    key = _store_delta(result.delta, runtime.storage)
+    ok = _commit_success(claim, result, classes, key, runtime)
+    return ("succeeded", None) if ok else ("lost", None)
 
 
 @shared_task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from app.db import session_scope
 from app.jobs import lifecycle
@@ -17,6 +17,9 @@ from app.jobs.lifecycle import Claim
 from app.models import utcnow
 from app.runtime import Runtime
 from app.services import history
+
+if TYPE_CHECKING:
+    from sparseshot.train import Progress
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +76,7 @@ def optional_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def progress_writer(claim: Claim, runtime: Runtime, *, with_history: bool = True) -> Callable[[Any], None]:
+def progress_writer(claim: Claim, runtime: Runtime, *, with_history: bool = True) -> Callable[[Progress], None]:
     """on_progress callback: writes step/total/loss/acc/eta at most every progress_interval_s
     (always the final step), and the training history unless `with_history` is False (the
     cross-validation folds: the history is the curve of the model's own training)."""
@@ -82,7 +85,7 @@ def progress_writer(claim: Claim, runtime: Runtime, *, with_history: bool = True
         claim=claim, every_steps=runtime.settings.history_every_steps, engine=runtime.engine,
     ) if with_history else None
 
-    def on_progress(p: Any) -> None:
+    def on_progress(p: Progress) -> None:
         if record_history is not None:
             record_history(p)  # every few steps, its own rule
         now = time.monotonic()

@@ -120,6 +120,7 @@ class _Batch:
 
     session: Session
     storage: Storage
+    pin_ttl_s: float  # settings.object_pin_ttl_s
     rows: dict[str, tuple[str, Image]] = field(default_factory=dict)  # sha256 -> (filename, row)
     pending: list[tuple[str, bytes]] = field(default_factory=list)
     pending_bytes: int = 0
@@ -136,7 +137,8 @@ class _Batch:
     def flush(self) -> None:
         if not self.pending:
             return
-        self.pins.append(objects.pin(session=self.session, keys=[k for k, _ in self.pending]))
+        self.pins.append(objects.pin(session=self.session, keys=[k for k, _ in self.pending],
+                                     ttl_s=self.pin_ttl_s))
         for key, data in self.pending:
             self.written.append(key)
             self.storage.put(data)
@@ -189,7 +191,7 @@ def add_images(
     report = _Report()
     dataset_id = dataset.id
     existing = _known(session, dataset_id)
-    batch = _Batch(session, storage)
+    batch = _Batch(session, storage, settings.object_pin_ttl_s)
     try:
         for filename, item_label, data in items:
             _take(batch, report, settings, dataset_id, existing, filename, item_label, data)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -29,6 +29,9 @@ from app.services import images as imgcheck
 from app.services.datasets import get_dataset
 from app.services.models import check_servable, get_model
 from app.storage import Storage, StorageError
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 from sparseshot import metrics
 
 T = TypeVar("T")
@@ -79,16 +82,16 @@ def _probabilities(
     out: list[list[float]] = []
     for chunk in _chunks(keys, settings.max_files_per_request):
         images = [(key, _decode(key, storage, settings)) for key in chunk]  # one at a time, reduced
-        with inference.serving_errors(model.id, model.base_model):
+        with inference.serving_errors(model.id, settings, model.base_model):
             results = inference.classify(model=model, images=images, top_k=len(model.classes),
-                                         storage=storage)
+                                         storage=storage, settings=settings)
         for r in results:
             scores = {ls["label"]: ls["score"] for ls in r["labels"]}
             out.append([float(scores.get(c, 0.0)) for c in model.classes])
     return out
 
 
-def _decode(key: str, storage: Storage, settings: Settings) -> object:
+def _decode(key: str, storage: Storage, settings: Settings) -> PILImage:
     try:
         return imgcheck.decode_stored(storage.get(key), settings.image_decode_side, settings.max_image_pixels)
     except (StorageError, imgcheck.Rejected) as e:

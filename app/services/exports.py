@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
 from app.errors import Conflict, ModelNotReady, NotFound
 from app.models import Model, Tenant
 from app.services import bases, objects
@@ -76,7 +77,9 @@ class ExportFile:
     media_type: str
 
 
-def export_file(*, session: Session, storage: Storage, tenant: Tenant, model_id: str, fmt: str) -> ExportFile:
+def export_file(
+    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, model_id: str, fmt: str
+) -> ExportFile:
     """The model's export in `fmt` (built and stored on first use). 404: not this tenant's model;
     409: the model is not ready, its delta is missing or unusable, or the base cannot be exported
     this way; 503: the base model is unavailable."""
@@ -94,13 +97,13 @@ def export_file(*, session: Session, storage: Storage, tenant: Tenant, model_id:
         with _build_lock:
             if not path.is_file():  # another request may have built it while this one waited
                 model_id = model.id
-                _build(session=session, storage=storage, model=model, spec=spec)
+                _build(session=session, storage=storage, settings=settings, model=model, spec=spec)
                 if not path.is_file():  # the model was deleted while it was built: both files went
                     raise NotFound(f"no model {model_id}")
     return ExportFile(path, filename, OCTET)
 
 
-def _build(*, session: Session, storage: Storage, model: Model, spec: Format) -> None:
+def _build(*, session: Session, storage: Storage, settings: Settings, model: Model, spec: Format) -> None:
     """Build one export from the stored delta and store it beside the delta (delta pinned)."""
     from app.services import inference
     from sparseshot.delta import SparseDelta
@@ -108,10 +111,10 @@ def _build(*, session: Session, storage: Storage, model: Model, spec: Format) ->
 
     assert spec.build is not None and spec.derived is not None
     model_id, key, base_spec = model.id, model.delta_key, model.base_model
-    with objects.pinned(session=session, storage=storage, keys=[key]):
+    with objects.pinned(session=session, storage=storage, keys=[key], ttl_s=settings.object_pin_ttl_s):
         if not storage.exists(key):  # deleted between the check above and the pin
             raise ModelNotReady(f"the delta file of model {model_id} is not available")
-        with inference.serving_errors(model_id, base_spec):  # base unavailable: 503; delta unusable: 409
+        with inference.serving_errors(model_id, settings, base_spec):  # base unavailable: 503; delta unusable: 409
             base = bases.get_base(base_spec)
             delta = SparseDelta.from_bytes(storage.get(key))
             try:

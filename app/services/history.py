@@ -14,7 +14,7 @@ import logging
 import math
 import platform
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, delete, select, update
 from sqlalchemy.orm import Session
@@ -24,6 +24,9 @@ from app.jobs.lifecycle import Claim, owned
 from app.models import Job, JobHistory, Tenant
 from app.schemas import HistoryPoint, JobHistoryPublic
 from app.services.jobs import get_job
+
+if TYPE_CHECKING:
+    from sparseshot.train import Progress
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class HistoryRecorder:
             return step != self.last_step
         return self.last_step is None or step - self.last_step >= every
 
-    def __call__(self, p: Any) -> None:
+    def __call__(self, p: Progress) -> None:
         step = int(p.step)
         if getattr(p, "val_accuracy", None) is not None:
             self.pending_val = p.val_accuracy
@@ -67,7 +70,7 @@ class HistoryRecorder:
         except Exception as e:  # the history must never stop a training
             log.warning("job %s history write failed: %s", self.job_id, e)
 
-    def _write(self, p: Any, step: int) -> bool:
+    def _write(self, p: Progress, step: int) -> bool:
         with session_scope(self.engine) as s:
             if s.scalar(select(Job.id).where(owned(self.claim))) is None:
                 return False
@@ -82,7 +85,7 @@ class HistoryRecorder:
 
 def progress_recorder(
     *, claim: Claim, every_steps: int, engine: Engine | None = None
-) -> Callable[[Any], None]:
+) -> Callable[[Progress], None]:
     """The worker's hook: a HistoryRecorder for this attempt."""
     return HistoryRecorder(claim=claim, every_steps=every_steps, engine=engine)
 

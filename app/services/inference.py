@@ -1,4 +1,4 @@
-"""Serving adapted models: the service functions over the process's scheduler, and its error mapping.
+"""Serving adapted models: the service functions over the process's `Serving`, and its error mapping.
 
 - Base models: `app.services.bases` (one registry per process).
 - Prepared deltas: `app.services.model_cache.PreparedCache` (LRU under settings.model_cache_bytes,
@@ -15,26 +15,38 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
-from app.core.config import get_settings
+from app.core.config import Settings
 from app.errors import ModelNotReady, Unavailable
 from app.services import bases
 from app.services.model_cache import PreparedCache
 from app.services.scheduler import QueueFull, QueueTimeout, Scheduler
-from app.storage import Storage, StorageError, get_storage
+from app.storage import Storage, StorageError
 from sparseshot.base import BaseModelError
 from sparseshot.delta import DeltaError
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from sparseshot.delta import SparseDelta
     from sparseshot.serving import PreparedDelta, ServingEngine
 
 
+class ServedModel(Protocol):
+    """What serving reads of a model: an app.models.Model row (or a stand-in with these)."""
+
+    @property
+    def base_model(self) -> str: ...
+
+    @property
+    def delta_key(self) -> str: ...
+
+
 @contextmanager
-def serving_errors(model_id: str | None, base_model: str | None = None) -> Iterator[None]:
+def serving_errors(model_id: str | None, settings: Settings, base_model: str | None = None) -> Iterator[None]:
     """The one mapping of serving failures to problems.
 
     Base model unavailable: 503 with Retry-After = the base registry's remaining backoff for
@@ -44,11 +56,11 @@ def serving_errors(model_id: str | None, base_model: str | None = None) -> Itera
     """
     from sparseshot.serving import ServingError
 
-    retry = int(get_settings().serving_retry_after_s)
+    retry = int(settings.serving_retry_after_s)
     try:
         yield
     except (BaseModelError, ServingError) as e:
-        down = bases.unavailable(base_model or get_settings().base_model)
+        down = bases.unavailable(base_model or settings.base_model)
         raise Unavailable(f"the base model is not available: {e}",
                           retry_after_s=down[1] if down else retry) from e
     except (QueueFull, QueueTimeout) as e:
@@ -57,7 +69,7 @@ def serving_errors(model_id: str | None, base_model: str | None = None) -> Itera
         raise ModelNotReady(f"model {model_id} cannot be served: {e}") from e
 
 
-# ---------------------------------------------------------------- the process's scheduler
+# ---------------------------------------------------------------- the process's serving state
 
 
 def load_prepared(storage: Storage, spec: str, delta_key: str) -> PreparedDelta:
@@ -70,55 +82,79 @@ def load_prepared(storage: Storage, spec: str, delta_key: str) -> PreparedDelta:
     return prepare(base, delta)
 
 
-_engines: dict[str, ServingEngine] = {}
-_scheduler: Scheduler | None = None
+class Serving:
+    """What serving keeps for a process: one ServingEngine per base, and the scheduler with its
+    cache of prepared deltas, sized by `settings`. The threads start on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engines: dict[str, ServingEngine] = {}
+        self._lock = threading.Lock()
+        cache = PreparedCache(settings.model_cache_bytes, threads=settings.serving_loader_threads)
+        self.scheduler = Scheduler(
+            cache=cache, engine_for=self.engine_for, max_batch_images=settings.serving_max_batch_images,
+            max_queue_images=settings.serving_queue_images, window_s=settings.serving_batch_window_s,
+            timeout_s=settings.serving_timeout_s,
+        )
+
+    def engine_for(self, spec: str) -> ServingEngine:
+        """The ServingEngine of base `spec` (one per base)."""
+        from sparseshot.serving import ServingEngine
+
+        with self._lock:
+            engine = self._engines.get(spec)
+        if engine is None:
+            budget = self.settings.serving_dense_cache_bytes
+            engine = ServingEngine(bases.get_base(spec), dense_cache_bytes=budget)
+            with self._lock:
+                engine = self._engines.setdefault(spec, engine)
+        return engine
+
+    def close(self) -> None:
+        """Stop the batch thread and the loaders; forget prepared deltas and engines."""
+        self.scheduler.stop()
+        self.scheduler.cache.close()
+        with self._lock:
+            self._engines.clear()
+
+
+# The process's Serving: callers reach it through the functions below (the in-process serving
+# benchmark too, which has no Runtime), so it is kept here rather than on app.runtime.Runtime.
+_serving: Serving | None = None
 _lock = threading.Lock()
 
 
-def engine_for(spec: str) -> ServingEngine:
-    """The ServingEngine of base `spec` (one per base per process)."""
-    from sparseshot.serving import ServingEngine
-
+def serving(settings: Settings) -> Serving:
+    """The process's Serving, built on first use from `settings` (the process's settings)."""
+    global _serving
     with _lock:
-        engine = _engines.get(spec)
-    if engine is None:
-        budget = get_settings().serving_dense_cache_bytes
-        engine = ServingEngine(bases.get_base(spec), dense_cache_bytes=budget)
-        with _lock:
-            engine = _engines.setdefault(spec, engine)
-    return engine
+        if _serving is None:
+            _serving = Serving(settings)
+        return _serving
 
 
 def get_scheduler() -> Scheduler:
-    global _scheduler
+    """The process's scheduler, once something was classified (benchmarks and tests look at it)."""
     with _lock:
-        if _scheduler is None:
-            s = get_settings()
-            cache = PreparedCache(s.model_cache_bytes, threads=s.serving_loader_threads)
-            _scheduler = Scheduler(
-                cache=cache, engine_for=engine_for, max_batch_images=s.serving_max_batch_images,
-                max_queue_images=s.serving_queue_images, window_s=s.serving_batch_window_s,
-                timeout_s=s.serving_timeout_s,
-            )
-        return _scheduler
+        if _serving is None:
+            raise RuntimeError("nothing has been served in this process yet")
+        return _serving.scheduler
 
 
 def reset() -> None:
-    """Stop the scheduler, forget prepared deltas, engines and bases (tests)."""
-    global _scheduler
+    """Stop the process's Serving, forget prepared deltas, engines and bases (tests)."""
+    global _serving
     with _lock:
-        old, _scheduler = _scheduler, None
-        _engines.clear()
+        old, _serving = _serving, None
     if old is not None:
-        old.stop()
-        old.cache.close()
+        old.close()
     bases.reset()
 
 
 # ---------------------------------------------------------------- the service functions
 
 
-def _pixels(spec: str, images: Sequence[Any]) -> torch.Tensor:
+def _pixels(spec: str, images: Sequence[Image]) -> torch.Tensor:
     """(n, 3, S, S) eval-preprocessed RGB images (in the caller's thread, in parallel across requests)."""
     base = bases.get_base(spec)
     rgb = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
@@ -126,15 +162,16 @@ def _pixels(spec: str, images: Sequence[Any]) -> torch.Tensor:
 
 
 def classify(
-    *, model: Any, images: Sequence[tuple[str, Any]], top_k: int, storage: Storage | None = None
+    *, model: ServedModel, images: Sequence[tuple[str, Image]], top_k: int, storage: Storage,
+    settings: Settings,
 ) -> list[dict[str, Any]]:
     """Top-k labels per image: [{"filename", "labels": [{"label", "score"}]}] in input order.
 
     Raises the sparseshot/storage/scheduler errors that `serving_errors` maps."""
     spec, key = model.base_model, model.delta_key
     pixels = _pixels(spec, [im for _, im in images])
-    store = storage if storage is not None else get_storage()
-    preds = get_scheduler().submit((spec, key), pixels, top_k, lambda: load_prepared(store, spec, key))
+    scheduler = serving(settings).scheduler
+    preds = scheduler.submit((spec, key), pixels, top_k, lambda: load_prepared(storage, spec, key))
     return [
         {"filename": name, "labels": [{"label": label, "score": float(score)} for label, score in pred]}
         for (name, _), pred in zip(images, preds, strict=True)

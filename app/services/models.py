@@ -63,7 +63,7 @@ def create_model_from_delta(
     worker. A failed commit leaves at most an unreferenced content-addressed file, removed here."""
     data = data if data is not None else delta.to_bytes()
     key = hashlib.sha256(data).hexdigest()  # = the storage key (content-addressed)
-    pin_id = objects.pin(session=session, keys=[key])  # committed before the file exists
+    pin_id = objects.pin(session=session, keys=[key], ttl_s=settings.object_pin_ttl_s)  # before the file
     try:
         stored = store_delta(storage=storage, delta=delta, data=data)
         quotas.check_new_model(session=session, tenant=tenant, settings=settings)  # locked until the commit
@@ -93,7 +93,7 @@ def create_zeroshot(
     template = validate_params("zeroshot", {"template": body.template} if body.template else {})["template"]
     base_model = resolve_base_model(body.base_model, settings)
     quotas.check_new_model(session=session, tenant=tenant, settings=settings, lock=False)  # before the work
-    with inference.serving_errors(None, base_model):
+    with inference.serving_errors(None, settings, base_model):
         delta = inference.zeroshot_delta(classes=list(body.classes), base_model=base_model, template=template)
     return create_model_from_delta(session=session, storage=storage, settings=settings, tenant=tenant,
                                    delta=delta, base_model=base_model, method="zeroshot", name=body.name)
@@ -115,7 +115,7 @@ def import_model(
     except DeltaError as e:
         raise InvalidInput(f"not a valid sparseshot delta file: {e}") from None
     spec = _import_base(delta, settings)
-    with inference.serving_errors(None, spec):
+    with inference.serving_errors(None, settings, spec):
         base = bases.get_base(spec)
     _check_import(delta, base, settings)
     method = str(delta.meta.get("method") or "imported")[:32]
@@ -268,9 +268,9 @@ def classify(
     if rejected:
         first = rejected[0]
         raise InvalidInput(f"{first['filename']}: {first['detail']}", extra={"rejected": rejected})
-    with inference.serving_errors(model.id, model.base_model):
+    with inference.serving_errors(model.id, settings, model.base_model):
         results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)),
-                                     storage=storage)
+                                     storage=storage, settings=settings)
     if cut is not None:
         results = [{**r, "labels": _cut(r["labels"], cut)} for r in results]
         results = [{**r, "unknown": not r["labels"]} for r in results]

@@ -27,7 +27,6 @@ from datetime import timedelta
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session
 
-from app.core.config import get_settings
 from app.models import Image, Model, ObjectPin, new_id, utcnow
 from app.storage import Storage
 
@@ -46,8 +45,9 @@ def _lock(session: Session) -> None:
         session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
 
 
-def pin(*, session: Session, keys: Iterable[str], ttl_s: float | None = None) -> str:
-    """Commit pending references to `keys`; returns the pin id that `unpin` releases.
+def pin(*, session: Session, keys: Iterable[str], ttl_s: float) -> str:
+    """Commit pending references to `keys`, lapsing after `ttl_s` (settings.object_pin_ttl_s);
+    returns the pin id that `unpin` releases.
 
     The session must have no pending work (its transaction is committed here).
     """
@@ -55,8 +55,7 @@ def pin(*, session: Session, keys: Iterable[str], ttl_s: float | None = None) ->
     pin_id = new_id()
     if not keys:
         return pin_id
-    ttl = ttl_s if ttl_s is not None else get_settings().object_pin_ttl_s
-    expires = utcnow() + timedelta(seconds=ttl)
+    expires = utcnow() + timedelta(seconds=ttl_s)
     session.commit()  # a fresh transaction, so the lock is its first statement
     _lock(session)
     session.execute(insert(ObjectPin), [{"id": new_id(), "pin_id": pin_id, "key": k, "expires_at": expires}
@@ -71,12 +70,12 @@ def unpin(*, session: Session, pin_id: str) -> None:
 
 
 @contextmanager
-def pinned(*, session: Session, storage: Storage, keys: Iterable[str]) -> Iterator[None]:
+def pinned(*, session: Session, storage: Storage, keys: Iterable[str], ttl_s: float) -> Iterator[None]:
     """Hold `keys` while the block writes objects derived from them (an export of a delta): a
     deleter keeps them meanwhile, and on exit those whose rows went in the meantime are removed,
     derived objects included. The session must have no pending work."""
     keys = sorted(set(keys))
-    pin_id = pin(session=session, keys=keys)
+    pin_id = pin(session=session, keys=keys, ttl_s=ttl_s)
     try:
         yield
     finally:
@@ -86,28 +85,12 @@ def pinned(*, session: Session, storage: Storage, keys: Iterable[str]) -> Iterat
         remove_unreferenced(session=session, storage=storage, keys=keys)
 
 
-def put(*, session: Session, storage: Storage, data: bytes, ttl_s: float | None = None) -> str:
+def put(*, session: Session, storage: Storage, data: bytes, ttl_s: float) -> str:
     """Store bytes under a pin that lapses after the TTL (for writers that cannot unpin with
     their row commit); returns the key."""
     key = hashlib.sha256(data).hexdigest()
     pin(session=session, keys=[key], ttl_s=ttl_s)
     return storage.put(data)
-
-
-def put_pinned(data: bytes) -> str:
-    """`put` with the process's database and storage (the serving path's writer)."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from app.db import get_engine
-    from app.storage import get_storage
-
-    storage = get_storage()
-    with Session(bind=get_engine()) as session:
-        try:
-            return put(session=session, storage=storage, data=data)
-        except SQLAlchemyError as e:  # the row commit that follows fails too when the database is down
-            log.warning("stored object written without a pin (database: %s)", e)
-            return storage.put(data)
 
 
 def _used(session: Session, keys: set[str]) -> set[str]:

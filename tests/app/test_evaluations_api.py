@@ -44,7 +44,7 @@ def colour_inference(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     def zeroshot_delta(*, classes, base_model, template):
         return SmallDelta({"classes": classes, "base": base_model, "template": template})
 
-    def classify(*, model, images, top_k, storage=None):
+    def classify(*, model, images, top_k, storage, settings):
         batches.append(len(images))
         out = []
         for name, im in images:

@@ -33,7 +33,7 @@ def fake_inference(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> list[
     def zeroshot_delta(*, classes, base_model, template):
         return SmallDelta({"classes": classes, "base": base_model, "template": template, "created_at": "-"})
 
-    def classify(*, model, images, top_k, storage=None):
+    def classify(*, model, images, top_k, storage, settings):
         calls.append({"model": model.id, "n": len(images), "top_k": top_k})
         scores = [0.6, 0.3, 0.1][: len(model.classes)]
         labels = [{"label": c, "score": s} for c, s in zip(model.classes, scores, strict=False)][:top_k]

@@ -115,7 +115,8 @@ def test_dataset_deleted_during_its_own_upload_gives_404_and_leaves_no_files(
 def test_pins_keep_files_until_released_and_lapse(engine, settings: Settings) -> None:
     storage = LocalStorage(settings.storage_dir)
     with Session(engine) as session:
-        key = objects.put(session=session, storage=storage, data=b"shared delta")  # pinned, no row
+        key = objects.put(session=session, storage=storage, data=b"shared delta",  # pinned, no row
+                          ttl_s=settings.object_pin_ttl_s)
         assert objects.remove_unreferenced(session=session, storage=storage, keys=[key]) == 0
         assert storage.exists(key)
         pin_id = session.scalar(select(ObjectPin.pin_id).where(ObjectPin.key == key))

@@ -1,4 +1,5 @@
-"""Worker tests: a migrated SQLite database and storage in a temporary data folder."""
+"""Worker tests: the process's settings from its environment (`env_settings`, tests/conftest.py:
+a migrated SQLite database and storage in a temporary data folder), and the runtime over them."""
 
 from __future__ import annotations
 
@@ -6,28 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from app.core.config import Settings, get_settings
+from app.core.config import Settings
 from app.runtime import Runtime
 from tests.fakes import RecordingQueue
 
 
 @pytest.fixture
-def settings(tmp_path, monkeypatch) -> Iterator[Settings]:
-    import migrations
-    from app import db
-
-    monkeypatch.setenv("SPARSESHOT_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("SPARSESHOT_BASE_MODEL", "sparseshot-tiny:random")
-    monkeypatch.delenv("SPARSESHOT_DATABASE_URL", raising=False)
-    monkeypatch.delenv("SPARSESHOT_BROKER_URL", raising=False)
-    monkeypatch.setenv("SPARSESHOT_JOB_HEARTBEAT_TIMEOUT_S", "2")
-    monkeypatch.setenv("SPARSESHOT_PROGRESS_INTERVAL_S", "0.05")
-    get_settings.cache_clear()
-    db.dispose_engines()
-    migrations.upgrade()
-    yield get_settings()
-    db.dispose_engines()
-    get_settings.cache_clear()
+def settings(env_settings: Settings) -> Settings:
+    """A worker reads its settings from the environment: here, `env_settings`."""
+    return env_settings
 
 
 @pytest.fixture

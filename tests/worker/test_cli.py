@@ -1,99 +1,36 @@
-"""The `sparseshot` command line: migrate, keys, bench dispatch."""
+"""The worker's part of the `sparseshot` command (worker/cli.py), found by app.cli as a plugin."""
 
 from __future__ import annotations
 
-import sys
-import types
-
-import pytest
+from pathlib import Path
 
 from app import cli
-from app.db import session_scope
-from app.services import auth
+from app.core.config import Settings
+from app.queue import Queue
+from worker import cli as worker_cli
+from worker.dispatch import CeleryQueue
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_keys_create_list_revoke(settings, capsys):
-    assert cli.main(["migrate"]) == 0  # idempotent on a migrated database
-    assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
-    key = capsys.readouterr().out.strip().splitlines()[-1]
-    assert key.startswith("sk_") and " " not in key
-    with session_scope() as s:
-        assert auth.authenticate(session=s, key=key).name == "acme"
-        (row,) = auth.list_keys(session=s)
-        key_id = row.id
-
-    assert cli.main(["keys", "list"]) == 0
-    listing = capsys.readouterr().out
-    assert key_id in listing and "acme" in listing and key not in listing
-
-    assert cli.main(["keys", "revoke", key_id]) == 0
-    assert key_id in capsys.readouterr().out
-    with session_scope() as s, pytest.raises(auth.Unauthorized):
-        auth.authenticate(session=s, key=key)
-    assert cli.main(["keys", "revoke", "no-such-key"]) == 1
+def test_pyproject_registers_the_worker_plugin() -> None:
+    text = (ROOT / "pyproject.toml").read_text()  # (tomllib: Python 3.11+)
+    assert f'[project.entry-points."{cli.PLUGIN_GROUP}"]\nworker = "worker.cli:plugin"\n' in text
+    assert '[project.scripts]\nsparseshot = "app.cli:main"\n' in text
 
 
-def test_bench_passes_arguments_through(monkeypatch):
-    seen: list[list[str]] = []
-    fake = types.ModuleType("benchmarks.train_step")
-    fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "benchmarks.train_step", fake)
-    assert cli.main(["bench", "train-step", "--steps", "3", "--help-me"]) == 0
-    assert cli.main(["--log-level", "DEBUG", "bench", "train-step", "-x"]) == 0
-    assert seen == [["--steps", "3", "--help-me"], ["-x"]]
-    assert cli.main(["bench", "nope"]) == 2
+def test_the_installed_command_finds_it() -> None:
+    # Fails on an install older than the entry point: reinstall (bash scripts/setup.sh).
+    assert cli.plugins() == [worker_cli.plugin]
 
 
-def test_help_lists_commands(capsys):
-    with pytest.raises(SystemExit):
-        cli.main(["--help"])
-    out = capsys.readouterr().out
-    for name in ("serve", "worker", "migrate", "keys", "tenants", "bench"):
-        assert name in out
+def test_worker_command_is_added_to_the_parser() -> None:
+    args = cli.build_parser().parse_args(["worker", "--hostname", "w1@%h"])
+    assert args.func is worker_cli.cmd_worker and args.hostname == "w1@%h"
+    assert cli.build_parser().parse_args(["worker"]).hostname is None
 
 
-def test_keys_create_before_migrate_and_blank_tenant_are_clear_errors(tmp_path, monkeypatch, capsys):
-    from app import db
-    from app.core.config import get_settings
-
-    monkeypatch.setenv("SPARSESHOT_DATA_DIR", str(tmp_path / "fresh"))
-    monkeypatch.delenv("SPARSESHOT_DATABASE_URL", raising=False)
-    get_settings.cache_clear()
-    db.dispose_engines()
-    try:
-        assert cli.main(["keys", "create", "--tenant", "acme"]) == 1
-        err = capsys.readouterr().err
-        assert "sparseshot migrate" in err and "Traceback" not in err
-        assert cli.main(["migrate"]) == 0
-        assert cli.main(["keys", "create", "--tenant", "   "]) == 1
-        assert "--tenant" in capsys.readouterr().err
-        assert cli.main(["keys", "create", "--tenant", "x" * 201]) == 1
-    finally:
-        db.dispose_engines()
-        get_settings.cache_clear()
-
-
-def test_tenants_set_limits(settings, capsys):
-    from app import quotas
-    from app.models import Tenant
-
-    assert cli.main(["keys", "create", "--tenant", "acme"]) == 0
-    capsys.readouterr()
-    assert cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-running-jobs", "1",
-                     "--max-models", "0"]) == 0
-    out = capsys.readouterr().out
-    assert "max_running_jobs" in out and "(tenant)" in out
-    with session_scope() as s:
-        tenant = s.query(Tenant).filter_by(name="acme").one()
-        limits = quotas.limits_of(tenant, settings)
-    assert limits["max_running_jobs"] == 1 and limits["max_models"] == 0
-    assert limits["max_queued_jobs"] == settings.max_queued_jobs  # untouched: the default
-    # `default` clears one override and keeps the others.
-    assert cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-models", "default"]) == 0
-    with session_scope() as s:
-        tenant = s.query(Tenant).filter_by(name="acme").one()
-        assert (tenant.max_models, tenant.max_running_jobs) == (None, 1)
-    assert cli.main(["tenants", "set-limits", "--tenant", "nobody", "--max-models", "3"]) == 1
-    assert "no tenant" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        cli.main(["tenants", "set-limits", "--tenant", "acme", "--max-models", "-1"])
+def test_serve_gets_the_celery_queue_of_its_settings(env_settings: Settings) -> None:
+    queue = worker_cli.plugin.queue(env_settings)
+    assert isinstance(queue, CeleryQueue) and isinstance(queue, Queue)
+    assert queue.queue == env_settings.queue_name

@@ -330,7 +330,7 @@ def test_cancel_before_start_and_attempt_limit(settings, runtime, fake_lib):
 
 
 def test_storage_error_after_training_leaves_job_for_recovery(settings, runtime, monkeypatch, fake_lib):
-    def broken_store(delta, settings):
+    def broken_store(delta, storage):
         raise OSError("disk full")
 
     monkeypatch.setattr(tasks, "_store_delta", broken_store)
@@ -354,7 +354,8 @@ def test_real_training_produces_a_servable_model(settings, runtime, method):
         s.expunge(model)
     assert model.method == method and model.nbytes > 0
     inference.reset()
-    (pred,) = inference.classify(model=model, images=[("q.png", PILImage.new("RGB", (8, 8)))], top_k=2)
+    (pred,) = inference.classify(model=model, images=[("q.png", PILImage.new("RGB", (8, 8)))], top_k=2,
+                                 storage=runtime.storage, settings=settings)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
 

@@ -125,6 +125,7 @@ def export_model(
     session: SessionDep,
     tenant: TenantDep,
     storage: StorageDep,
+    settings: SettingsDep,
     format: Annotated[ExportFormat, Query(
         description="`delta`: the sparse delta (as `/delta`); `checkpoint`: the merged open_clip "
                     "checkpoint (safetensors, model config and classes in its metadata); `onnx`: the "
@@ -139,7 +140,8 @@ def export_model(
     gives the service's probabilities. Checkpoint and ONNX files are built on the first request
     (under a second for the tiny base, about 10 s for ViT-B-16 on CPU), then served from storage.
     """
-    out = exports.export_file(session=session, storage=storage, tenant=tenant, model_id=model_id, fmt=format)
+    out = exports.export_file(session=session, storage=storage, settings=settings, tenant=tenant,
+                              model_id=model_id, fmt=format)
     return FileResponse(out.path, media_type=out.media_type, filename=out.filename)
 
 

@@ -207,7 +207,7 @@ def _store_delta(base, classes, *, perturb: float | None, seed: int) -> str:
     return get_storage().put(delta.to_bytes())
 
 
-def test_real_models_served_concurrently_match_the_classifier(settings) -> None:
+def test_real_models_served_concurrently_match_the_classifier(env_settings) -> None:
     from PIL import Image
 
     from app.storage import get_storage
@@ -218,13 +218,14 @@ def test_real_models_served_concurrently_match_the_classifier(settings) -> None:
 
     class Row:
         def __init__(self, key: str) -> None:
-            self.id, self.base_model, self.delta_key = key[:8], settings.base_model, key
+            self.id, self.base_model, self.delta_key = key[:8], env_settings.base_model, key
 
     keys = [_store_delta(base, ["a", "b", "c"], perturb=p, seed=i) for i, p in enumerate((None, 0.5, -0.5))]
     rows = [Row(k) for k in keys]
     imgs = [(f"{i}.png", Image.new("RGB", (40, 40), (i * 60, 255 - i * 50, 90))) for i in range(4)]
     jobs = [(rows[i % 3],) for i in range(12)]
-    got = _parallel(lambda r: inference.classify(model=r, images=imgs, top_k=3), jobs)
+    serve = dict(storage=get_storage(), settings=env_settings)
+    got = _parallel(lambda r: inference.classify(model=r, images=imgs, top_k=3, **serve), jobs)
     for (r,), out in zip(jobs, got, strict=True):
         clf = Classifier(base, SparseDelta.from_bytes(get_storage().get(r.delta_key)))
         want = clf.predict([im for _, im in imgs], top_k=3)
@@ -238,11 +239,11 @@ def test_real_models_served_concurrently_match_the_classifier(settings) -> None:
     from sparseshot.delta import DeltaError
 
     with pytest.raises((StorageError, FileNotFoundError, DeltaError)):
-        inference.classify(model=Row("0" * 64), images=imgs, top_k=1)
+        inference.classify(model=Row("0" * 64), images=imgs, top_k=1, **serve)
     inference.reset()
 
 
-def test_zeroshot_delta_is_servable(settings) -> None:
+def test_zeroshot_delta_is_servable(env_settings) -> None:
     from PIL import Image
 
     from app.storage import get_storage
@@ -252,14 +253,15 @@ def test_zeroshot_delta_is_servable(settings) -> None:
     key = get_storage().put(delta.to_bytes())
 
     class Row:
-        id, base_model, delta_key = "zs", settings.base_model, key
+        id, base_model, delta_key = "zs", env_settings.base_model, key
 
-    (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5)
+    (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5,
+                                 storage=get_storage(), settings=env_settings)
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
     inference.reset()
 
 
-def test_base_ready_does_not_block_while_loading(settings, monkeypatch) -> None:
+def test_base_ready_does_not_block_while_loading(env_settings, monkeypatch) -> None:
     import sparseshot
 
     release = threading.Event()
