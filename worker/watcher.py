@@ -76,7 +76,8 @@ def optional_float(x: Any) -> float | None:
     return None if x is None else float(x)
 
 
-def progress_writer(claim: Claim, runtime: Runtime, *, with_history: bool = True) -> Callable[[Progress], None]:
+def progress_writer(claim: Claim, runtime: Runtime, *,
+                    with_history: bool = True) -> Callable[[Progress], None]:
     """on_progress callback: writes step/total/loss/acc/eta at most every progress_interval_s
     (always the final step), and the training history unless `with_history` is False (the
     cross-validation folds: the history is the curve of the model's own training)."""

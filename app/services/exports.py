@@ -114,7 +114,8 @@ def _build(*, session: Session, storage: Storage, settings: Settings, model: Mod
     with objects.pinned(session=session, storage=storage, keys=[key], ttl_s=settings.object_pin_ttl_s):
         if not storage.exists(key):  # deleted between the check above and the pin
             raise ModelNotReady(f"the delta file of model {model_id} is not available")
-        with inference.serving_errors(model_id, settings, base_spec):  # base unavailable: 503; delta unusable: 409
+        # base unavailable: 503; delta unusable: 409
+        with inference.serving_errors(model_id, settings, base_spec):
             base = bases.get_base(base_spec)
             delta = SparseDelta.from_bytes(storage.get(key))
             try:
