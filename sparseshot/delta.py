@@ -194,7 +194,10 @@ def _make_entry(name: str, base: torch.Tensor, adapted: torch.Tensor, value_dtyp
     shape = tuple(base.shape)
     if n * val_size <= k * (val_size + idx_size):  # dense is no larger than indices + values
         src = a_flat if mode == "assign" else a_flat.float() - b_flat.float()  # (n,)
-        return _Entry(name, shape, base.dtype, "dense", mode, src.to(value_dtype).cpu(), None, k)
+        # A copy: on CPU in fp32, `to` would return the live parameter itself, and training that
+        # goes on after the delta was taken (the budget branches) would change the stored values.
+        values = src.detach().to("cpu", value_dtype, copy=True)
+        return _Entry(name, shape, base.dtype, "dense", mode, values, None, k)
     vals = a_flat[idx] if mode == "assign" else a_flat[idx].float() - b_flat[idx].float()  # (k,)
     return _Entry(name, shape, base.dtype, "sparse", mode, vals.to(value_dtype).cpu().contiguous(),
                   idx.to(idx_dtype).cpu(), k)

@@ -281,3 +281,16 @@ def test_to_bytes_is_a_pure_function_of_the_delta(base: nn.Module) -> None:
     header = first[8 : 8 + int.from_bytes(first[:8], "little")]
     canonical = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
     assert header == canonical.ljust(len(header))  # sorted keys, padded with spaces
+
+
+def test_delta_does_not_alias_the_adapted_model(base: nn.Module) -> None:
+    # Training may go on after a delta was taken (the budget branches of one run): every encoding,
+    # the dense one (the live fp32 tensor on CPU) included, holds its own copy of the values.
+    adapted = _adapt(base)
+    delta = SparseDelta.from_models(base, adapted)
+    assert {e.encoding for e in delta.entries if e.name in (DENSE, SPARSE_2D)} == {"dense", "sparse"}
+    before = delta.to_bytes()
+    with torch.no_grad():
+        for p in adapted.parameters():
+            p.add_(1.0)
+    assert delta.to_bytes() == before
