@@ -128,6 +128,17 @@ def get_job(job_id: str) -> Job:
         return job
 
 
+def _run_until_step_2(job_id: str, runtime: Any) -> tuple[threading.Thread, list[str]]:
+    """run_job in a thread (its return value lands in the list), back once it reported step 2 (or 5 s)."""
+    out: list[str] = []
+    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, runtime=runtime, worker="w1")))
+    t.start()
+    deadline = time.monotonic() + 5
+    while get_job(job_id).step < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return t, out
+
+
 def test_success_creates_model_in_one_go(settings, runtime, fake_lib):
     job_id = make_job()
     assert tasks.run_job(job_id, runtime=runtime, worker="w1") == "succeeded"
@@ -198,12 +209,7 @@ def test_cancel_during_the_folds(settings, runtime, monkeypatch, fake_lib):
     calls: list[dict[str, Any]] = []
     monkeypatch.setattr(crossval, "adapt", fake_adapt_factory(calls, steps=200, sleep=0.05))
     job_id = make_job(n_per_class=2, validation={"kfold": 2})
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, runtime=runtime, worker="w1")))
-    t.start()
-    deadline = time.monotonic() + 5
-    while get_job(job_id).step < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    t, out = _run_until_step_2(job_id, runtime)
     job = get_job(job_id)
     assert job.status == "running" and job.total_steps is not None
     # this fold's 200 (as the fake reports them), the second fold's planned 3 (n_iters 3, 1 shot) and
@@ -297,12 +303,7 @@ def test_deleted_dataset_fails_clearly(settings, runtime, fake_lib):
 def test_cancel_while_running(settings, runtime, monkeypatch, fake_lib):
     monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory([], steps=200, sleep=0.05))
     job_id = make_job()
-    out: list[str] = []
-    t = threading.Thread(target=lambda: out.append(tasks.run_job(job_id, runtime=runtime, worker="w1")))
-    t.start()
-    deadline = time.monotonic() + 5
-    while get_job(job_id).step < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    t, out = _run_until_step_2(job_id, runtime)
     assert get_job(job_id).status == "running" and get_job(job_id).heartbeat_at is not None
     t0 = time.monotonic()
     with session_scope() as s:
