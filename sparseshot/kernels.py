@@ -180,7 +180,9 @@ _PARALLEL_WORK = 1 << 17  # estimated multiply-adds (see `_unit_work`) above whi
 _lib: ctypes.CDLL | None = None
 _tried = False
 _lock = threading.Lock()
+# One thread, so the tasks it runs never overlap (each uses that thread's scratch).
 _pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csr-kernel")
+_local = threading.local()  # per thread: the tile scratch (`_scratch`)
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=gnu99"]
 
 
@@ -246,11 +248,16 @@ def available() -> bool:
         return _lib is not None
 
 
+def takes(crow: Tensor, col: Tensor, val: Tensor) -> bool:
+    """The kernel's layout of Δ: CPU int32 indices and fp32 values, and the kernel built."""
+    return (val.device.type == "cpu" and val.dtype == torch.float32 and crow.dtype == torch.int32
+            and col.dtype == torch.int32 and available())
+
+
 def fits(c: Correction) -> bool:
-    """The kernel's layout: CPU fp32 rows with unit column stride, int32 indices."""
-    return (c.y.device.type == "cpu" and c.y.dtype == torch.float32 and c.x.dtype == torch.float32
-            and c.val.dtype == torch.float32 and c.y.stride(1) == 1 and c.x.stride(1) == 1
-            and c.col.dtype == torch.int32 and c.crow.dtype == torch.int32)
+    """`takes` Δ, and x, y are CPU fp32 rows with unit column stride."""
+    return (takes(c.crow, c.col, c.val) and c.y.device.type == "cpu" and c.y.dtype == torch.float32
+            and c.x.dtype == torch.float32 and c.y.stride(1) == 1 and c.x.stride(1) == 1)
 
 
 def _units(corrections: Sequence[Correction], split: bool) -> list[tuple[int, int, int, int]]:
@@ -267,11 +274,12 @@ def _units(corrections: Sequence[Correction], split: bool) -> list[tuple[int, in
     return units
 
 
-def _unit_work(c: Correction, unit: tuple[int, int, int, int]) -> int:
-    """Estimated multiply-adds of a unit: entries in its output rows plus the transposes, per vector."""
+def _unit_work(c: Correction, unit: tuple[int, int, int, int], nnz: int) -> int:
+    """Estimated multiply-adds of a unit: entries in its output rows plus the transposes, per vector.
+    `nnz`: the correction's entry count (a unit over all output rows needs no look-up in crow)."""
     _, t, a, b = unit
     vectors = -(-min(TW, c.y.shape[0] - t) // 16)
-    entries = int(c.crow[b]) - int(c.crow[a])
+    entries = nnz if (a, b) == (0, c.y.shape[1]) else int(c.crow[b]) - int(c.crow[a])
     return vectors * 16 * (entries + c.x.shape[1] + (b - a))
 
 
@@ -289,26 +297,38 @@ def csr_add(corrections: Sequence[Correction]) -> None:
     if not units:
         return
     flat = (ctypes.c_int64 * (4 * len(units)))(*[v for u in units for v in u])
-    work = [_unit_work(corrections[u[0]], u) for u in units]
+    nnz = [c.col.numel() for c in corrections]
+    work = [_unit_work(corrections[u[0]], u, nnz[u[0]]) for u in units]
     width = max(c.x.shape[1] for c in corrections) * TW
     _run_units(segs, flat, work, width, two)
     del corrections  # the tensors behind the pointers stay alive until the units are done
 
 
+def _scratch(width: int) -> Tensor:
+    """This thread's tile buffer of at least `width` floats, kept between calls: a fresh buffer of
+    this size (up to 3072 × 64 floats, 768 KiB) is mapped anew by malloc and page-faulted on first
+    touch, which cost as much as a small layer's corrections."""
+    buf: Tensor | None = getattr(_local, "xt", None)
+    if buf is None or buf.numel() < width:
+        buf = _local.xt = torch.empty(width)
+    return buf
+
+
+def _call_units(segs: ctypes.Array, units: ctypes.Array, u0: int, u1: int, width: int) -> None:
+    assert _lib is not None
+    _lib.csr_add_units(segs, units, u0, u1, _scratch(width).data_ptr())
+
+
 def _run_units(segs: ctypes.Array, units: ctypes.Array, work: list[int], width: int, two: bool) -> None:
     """Run units [0, n) in this thread, or split at half the work with the pool's thread."""
-    lib, n = _lib, len(work)
-    assert lib is not None
+    n = len(work)
     total = sum(work)
     if total < _PARALLEL_WORK or not two or n < 2:
-        xt = torch.empty(width)
-        lib.csr_add_units(segs, units, 0, n, xt.data_ptr())
+        _call_units(segs, units, 0, n, width)
         return
     mid, acc = 1, work[0]
     while mid < n - 1 and 2 * (acc + work[mid]) <= total:
         acc, mid = acc + work[mid], mid + 1
-    xt2 = torch.empty(width)
-    future = _pool.submit(lib.csr_add_units, segs, units, mid, n, xt2.data_ptr())
-    xt = torch.empty(width)
-    lib.csr_add_units(segs, units, 0, mid, xt.data_ptr())
+    future = _pool.submit(_call_units, segs, units, mid, n, width)
+    _call_units(segs, units, 0, mid, width)
     future.result()

@@ -96,14 +96,18 @@ class LinearDelta:
     def cost(self) -> float:
         """Estimated work per input row, in dense multiply-adds (the cost model)."""
         lr = sum(a.shape[0] * (a.shape[1] + b.shape[0]) for _, b, a, _ in self.lowrank)
-        kernel = self.csr is not None and self.csr.device.type == "cpu" \
-            and self.csr.crow_indices().dtype == torch.int32 and kernels.available()
-        return self.nnz * (KERNEL_SPARSE_COST if kernel else SPARSE_COST) + lr * LOWRANK_COST
+        return self.nnz * (KERNEL_SPARSE_COST if self.on_kernel else SPARSE_COST) + lr * LOWRANK_COST
+
+    @property
+    def on_kernel(self) -> bool:
+        """The compiled kernel takes this CSR (`kernels.takes`)."""
+        csr = self.csr
+        return csr is not None and kernels.takes(csr.crow_indices(), csr.col_indices(), csr.values())
 
     def kernel_part(self, x: Tensor, y: Tensor) -> kernels.Correction | None:
         """The CSR part of y += x Δᵀ as a compiled-kernel job, None when the kernel cannot take it."""
         csr = self.csr
-        if csr is None or csr.device.type != "cpu" or not kernels.available():
+        if csr is None:
             return None
         c = kernels.Correction(y, x, csr.crow_indices(), csr.col_indices(), csr.values())
         return c if kernels.fits(c) else None
@@ -180,8 +184,10 @@ def _sparse_csr(delta: SparseDelta, name: str, w: Tensor) -> tuple[Tensor | None
     if idx.numel() > 1 and not bool((idx[1:] > idx[:-1]).all()):
         return None  # repeated indices: `apply` semantics need the sequential writes
     flat = w.detach().reshape(-1).cpu()
-    orig = flat[idx]
-    vals = e.values[order]
+    # index_select, not flat[idx]: advanced indexing took ~12 ms for 12k entries of a 2.4M-entry
+    # matrix on CPU, index_select 0.03 ms (a cold model's preparation is 48 such matrices).
+    orig = flat.index_select(0, idx)
+    vals = e.values.index_select(0, order)
     new = vals.to(w.dtype) if e.mode == "assign" else (orig.float() + vals.float()).to(w.dtype)
     diff = new.float() - orig.float()  # (k,) Δ values, as `apply` would change the weight
     out, cols = w.shape
