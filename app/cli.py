@@ -85,14 +85,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from app.main import create_app
-    from app.services import bases
     from app.webhooks.dispatch import start_dispatcher
 
     plugin = _serving_plugin()
     settings = _settings()
     if not args.no_migrate:
         cmd_migrate(args)
-    bases.warm_up()  # load the base model in the background while the server starts
     embedded = None
     if not settings.broker_url and not args.no_worker:
         embedded = plugin.start_worker(settings)
@@ -101,6 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         api = create_app(settings, queue=plugin.queue(settings))
+        api.state.runtime.bases.warm_up()  # load the base model in the background while the server starts
         # Webhooks of jobs this process ends (a queued job cancelled), and any others due.
         start_dispatcher(api.state.runtime)
         uvicorn.run(api, host=args.host, port=args.port, log_level=args.log_level.lower(), workers=1)

@@ -183,7 +183,7 @@ class Server:
 _SERVER = """
 import sys, uvicorn
 import app.services.inference as inference
-inference.classify = lambda *, model, images, top_k: [
+inference.classify = lambda *, model, images, top_k, **_: [
     {"filename": n, "labels": [{"label": "cat", "score": 1.0}]} for n, _ in images]
 inference.create_zeroshot_delta = lambda *, classes, base_model, template: (
     __import__("app.storage", fromlist=["x"]).get_storage().put(repr(classes).encode()), 0, 1, 0.0)
@@ -257,6 +257,8 @@ def case_dup200(tmp: Path) -> dict[str, Any]:
 
 
 def case_worker10(tmp: Path) -> dict[str, Any]:
+    from app.core.config import get_settings
+    from app.runtime import Runtime
     from worker import tasks
 
     def prepare() -> Callable[[], Any]:
@@ -268,21 +270,12 @@ def case_worker10(tmp: Path) -> dict[str, Any]:
             assert r.status_code == 201, r.text
         claim = tasks.Claim(job_id="j", worker="w", attempt=1, tenant_id="t", dataset_id=ds["id"],
                             method="so", base_model="sparseshot-tiny:random", params={})
-        tasks.get_base(claim.base_model)  # loaded before the measurement (as in a running worker)
+        runtime = Runtime.build(get_settings())  # the worker process's context
+        runtime.bases.get(claim.base_model)  # loaded before the measurement (as in a running worker)
         held: list[Any] = []
-        return lambda: held.append(_load_examples(tasks, claim)) or len(held[0][1])
+        return lambda: held.append(tasks.load_examples(claim, runtime)) or len(held[0][1])
 
     return _measure(prepare)
-
-
-def _load_examples(tasks: Any, claim: Any) -> Any:
-    """The worker's loading function (older trees: tasks._load_examples(claim))."""
-    if hasattr(tasks, "_load_examples"):
-        return tasks._load_examples(claim)
-    from app.core.config import get_settings
-    from app.runtime import Runtime
-
-    return tasks.load_examples(claim, Runtime.build(get_settings()))
 
 
 def _one(name: str) -> dict[str, Any]:

@@ -125,7 +125,8 @@ def _png(seed: int, size: int) -> bytes:
 
 
 class Service:
-    """A data folder with a migrated database, one tenant and its API key, the models imported."""
+    """A data folder with a migrated database, one tenant and its API key, the models imported; the
+    process's runtime context (app.runtime.Runtime: base models, serving) over its settings."""
 
     def __init__(self, cfg: Config, root: Path) -> None:
         self.cfg, self.root = cfg, root
@@ -141,69 +142,64 @@ class Service:
 
         get_settings.cache_clear()
         import migrations
-        from app.db import session_scope
+        from app.runtime import Runtime
         from app.services import auth
 
-        migrations.upgrade()
-        with session_scope() as s:
+        settings = get_settings()
+        migrations.upgrade(settings.database_url)
+        self.runtime = Runtime.build(settings)
+        with self.session() as s:
             row, self.api_key = auth.create_key(session=s, tenant_name="bench")
             self.tenant_id = row.tenant_id
 
     def session(self) -> Any:
         from app.db import session_scope
 
-        return session_scope()
+        return session_scope(self.runtime.engine)
 
     def import_delta(self, data: bytes, name: str) -> str:
-        from app.core.config import get_settings
         from app.models import Tenant
         from app.services import models
         from app.services.datasets import Upload
-        from app.storage import get_storage
 
+        rt = self.runtime
         with self.session() as s:
             tenant = s.get(Tenant, self.tenant_id)
-            m = models.import_model(session=s, storage=get_storage(), settings=get_settings(), tenant=tenant,
-                                    upload=Upload(f"{name}.safetensors", io.BytesIO(data)), name=name)
+            m = models.import_model(session=s, storage=rt.storage, settings=rt.settings, bases=rt.bases,
+                                    tenant=tenant, upload=Upload(f"{name}.safetensors", io.BytesIO(data)),
+                                    name=name)
             return m.id
 
     def zeroshot(self) -> str:
-        from app.core.config import get_settings
         from app.models import Tenant
         from app.schemas import ZeroshotCreate
         from app.services import models
-        from app.storage import get_storage
 
+        rt = self.runtime
         with self.session() as s:
             tenant = s.get(Tenant, self.tenant_id)
             body = ZeroshotCreate(classes=CLASSES)
-            return models.create_zeroshot(session=s, storage=get_storage(), settings=get_settings(),
-                                          tenant=tenant, body=body).id
+            return models.create_zeroshot(session=s, storage=rt.storage, settings=rt.settings,
+                                          bases=rt.bases, tenant=tenant, body=body).id
 
     def classify(self, model_id: str, blobs: list[bytes]) -> None:
-        from app.core.config import get_settings
         from app.models import Tenant
         from app.services import models
         from app.services.datasets import Upload
-        from app.storage import get_storage
 
+        rt = self.runtime
         files = [Upload(f"{i}.png", io.BytesIO(b)) for i, b in enumerate(blobs)]
         with self.session() as s:
             tenant = s.get(Tenant, self.tenant_id)
-            models.classify(session=s, storage=get_storage(), settings=get_settings(), tenant=tenant,
-                            model_id=model_id, files=files, top_k=5)
+            models.classify(session=s, storage=rt.storage, settings=rt.settings, serving=rt.serving(),
+                            tenant=tenant, model_id=model_id, files=files, top_k=5)
 
-    @staticmethod
-    def set_cache_budget(nbytes: int) -> None:
-        from app.services import inference
+    def set_cache_budget(self, nbytes: int) -> None:
+        self.runtime.serving().scheduler.cache.budget_bytes = int(nbytes)
 
-        inference.get_scheduler().cache.budget_bytes = int(nbytes)
-
-    @staticmethod
-    def reset() -> None:
-        from app.services import inference
-
-        inference.reset()
+    def close(self) -> None:
+        """Stop the in-process serving (threads, prepared deltas) and close the database pool."""
+        self.runtime.close()
 
 
 def _rss_mb(pid: int | None = None) -> float:
@@ -482,17 +478,18 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="sparseshot-serving-") as tmp:
         service = Service(cfg, Path(tmp))
-        from app.services import bases
-
-        base = bases.get_base(cfg.spec)
-        names = list(trainable_weights(base.model, encoder=cfg.towers))
-        models = build_models(cfg, service, base, names, log)
-        rows: dict[str, Row] = {}
-        cold_all = {d: list(ids) for d, ids in models.cold.items()}
-        if "library" in cfg.modes:
-            rows.update(run_mode("library", cfg, models, service.classify, _rss_mb, service.set_cache_budget))
-            log("library mode done")
-        service.reset()
+        try:
+            base = service.runtime.bases.get(cfg.spec)
+            names = list(trainable_weights(base.model, encoder=cfg.towers))
+            models = build_models(cfg, service, base, names, log)
+            rows: dict[str, Row] = {}
+            cold_all = {d: list(ids) for d, ids in models.cold.items()}
+            if "library" in cfg.modes:
+                rows.update(run_mode("library", cfg, models, service.classify, _rss_mb,
+                                     service.set_cache_budget))
+                log("library mode done")
+        finally:
+            service.close()
         if "http" in cfg.modes:
             models.cold = cold_all  # a fresh process: every one of them is cold there
             budget = int((cfg.many + 10) * sum(models.prepared_mb.values()) * MB)

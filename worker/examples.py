@@ -26,7 +26,6 @@ def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILIm
     the training crops are resized to it anyway) and their label indices."""
     # PIL only in the pool process that trains (the worker's main process stays light).
     from app.services.images import Rejected, decode_stored
-    from worker.tasks import get_base
 
     if claim.dataset_id is None:
         raise JobError("the dataset was deleted")
@@ -44,7 +43,7 @@ def load_examples(claim: Claim, runtime: Runtime) -> tuple[list[str], list[PILIm
             _check_steps(claim, runtime, tenant, len(rows), len(classes))
     if not rows:
         raise JobError("the dataset has no images")
-    side, max_pixels = get_base(claim.base_model).image_size, runtime.settings.max_image_pixels
+    side, max_pixels = runtime.bases.get(claim.base_model).image_size, runtime.settings.max_image_pixels
     index = {c: i for i, c in enumerate(classes)}
     images, labels = [], []
     for key, label in rows:

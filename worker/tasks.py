@@ -21,7 +21,8 @@ from app.jobs import lifecycle
 from app.jobs.lifecycle import Claim, JobStatus
 from app.models import utcnow
 from app.runtime import Runtime
-from app.services import bases, history
+from app.services import history
+from app.services.bases import BaseRegistry
 from app.storage import Storage
 from app.webhooks.dispatch import start_dispatcher
 from worker import context
@@ -34,7 +35,6 @@ from worker.recovery import start_sweeper
 from worker.watcher import Watcher, optional_float, progress_writer
 
 if TYPE_CHECKING:  # torch: only in the pool process that trains
-    from sparseshot.base import BaseModel
     from sparseshot.delta import SparseDelta
     from sparseshot.train import AdaptResult
 
@@ -43,12 +43,7 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 
 
-# ---------------------------------------------------------------- base models, once per process
-
-
-def get_base(spec: str) -> BaseModel:
-    """The process's base model for `spec`, from the one registry (app.services.bases)."""
-    return bases.get_base(spec)
+# ---------------------------------------------------------------- the pool process
 
 
 @signals.worker_process_init.connect
@@ -59,12 +54,12 @@ def _init_child(**_: Any) -> None:
     context.forget_inherited()
     dispose_engines(close=False)
     runtime = context.init()
-    threading.Thread(target=_warm_base, args=(runtime.settings,), name="warm-base", daemon=True).start()
+    threading.Thread(target=_warm_base, args=(runtime.bases,), name="warm-base", daemon=True).start()
 
 
-def _warm_base(settings: Settings) -> None:
+def _warm_base(bases: BaseRegistry) -> None:
     try:
-        get_base(settings.base_model)
+        bases.get()  # the default base (settings.base_model)
     except Exception as e:  # a job for this base reports the error itself
         log.warning("could not preload base model: %s", e)
 
@@ -219,7 +214,7 @@ def _train(claim: Claim, runtime: Runtime, watcher: Watcher, ckpt: Path) -> tupl
 
     try:
         classes, images, labels = load_examples(claim, runtime)
-        base = get_base(claim.base_model)
+        base = runtime.bases.get(claim.base_model)
         history.record_environment(claim=claim, device=getattr(base, "device", None), engine=runtime.engine)
         if watcher.should_stop():
             raise sparseshot.Cancelled()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -15,7 +15,11 @@ from app.models import Tenant
 from app.queue import Queue
 from app.runtime import Runtime
 from app.services import auth
+from app.services.bases import BaseRegistry
 from app.storage import Storage
+
+if TYPE_CHECKING:  # app.services.inference imports torch: only once something is served
+    from app.services.inference import Serving
 
 _bearer = HTTPBearer(auto_error=False, description="API key: `Authorization: Bearer sk_...`")
 
@@ -46,10 +50,21 @@ def get_queue(runtime: RuntimeDep) -> Queue:
     return runtime.queue
 
 
+def get_bases(runtime: RuntimeDep) -> BaseRegistry:
+    return runtime.bases
+
+
+def get_serving(runtime: RuntimeDep) -> Serving:
+    """The process's Serving, built on the first request that serves (runtime.serving())."""
+    return runtime.serving()
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StorageDep = Annotated[Storage, Depends(get_storage_dep)]
 QueueDep = Annotated[Queue, Depends(get_queue)]
+BasesDep = Annotated[BaseRegistry, Depends(get_bases)]
+ServingDep = Annotated["Serving", Depends(get_serving)]  # a name only: FastAPI never checks its type
 
 
 def get_tenant(

@@ -32,6 +32,8 @@ from app.storage import Storage, StorageError
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
+
+    from app.services.inference import Serving
 from sparseshot import metrics
 
 T = TypeVar("T")
@@ -43,8 +45,8 @@ def _chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
 
 
 def create_evaluation(
-    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, model_id: str,
-    body: EvaluationCreate,
+    *, session: Session, storage: Storage, settings: Settings, serving: Serving, tenant: Tenant,
+    model_id: str, body: EvaluationCreate,
 ) -> Evaluation:
     """Classify every evaluable image of the dataset with the model, store and return the figures."""
     model = get_model(session=session, tenant=tenant, model_id=model_id)
@@ -62,7 +64,8 @@ def create_evaluation(
                            f"({', '.join(model.classes[:10])})")
     if len(kept) > settings.max_evaluation_images:
         raise TooLarge(f"{len(kept)} images to evaluate, over the limit of {settings.max_evaluation_images}")
-    probs = _probabilities(model=model, keys=[key for key, _ in kept], storage=storage, settings=settings)
+    probs = _probabilities(model=model, keys=[key for key, _ in kept], storage=storage, settings=settings,
+                           serving=serving)
     report = metrics.evaluate(probs, [y for _, y in kept], len(model.classes))
     evaluation = Evaluation(
         tenant_id=tenant.id, model_id=model.id, dataset_id=dataset.id, n_images=len(kept),
@@ -74,7 +77,7 @@ def create_evaluation(
 
 
 def _probabilities(
-    *, model: Model, keys: list[str], storage: Storage, settings: Settings
+    *, model: Model, keys: list[str], storage: Storage, settings: Settings, serving: Serving
 ) -> list[list[float]]:
     """(n, C) class probabilities of the stored images, in `model.classes` order."""
     from app.services import inference  # loads torch: only when something is evaluated
@@ -82,9 +85,9 @@ def _probabilities(
     out: list[list[float]] = []
     for chunk in _chunks(keys, settings.max_files_per_request):
         images = [(key, _decode(key, storage, settings)) for key in chunk]  # one at a time, reduced
-        with inference.serving_errors(model.id, settings, model.base_model):
+        with inference.serving_errors(model.id, settings, model.base_model, bases=serving.bases):
             results = inference.classify(model=model, images=images, top_k=len(model.classes),
-                                         storage=storage, settings=settings)
+                                         storage=storage, serving=serving)
         for r in results:
             scores = {ls["label"]: ls["score"] for ls in r["labels"]}
             out.append([float(scores.get(c, 0.0)) for c in model.classes])

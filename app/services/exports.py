@@ -23,7 +23,8 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.errors import Conflict, ModelNotReady, NotFound
 from app.models import Model, Tenant
-from app.services import bases, objects
+from app.services import objects
+from app.services.bases import BaseRegistry
 from app.services.models import get_model
 from app.storage import Storage
 
@@ -78,7 +79,8 @@ class ExportFile:
 
 
 def export_file(
-    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, model_id: str, fmt: str
+    *, session: Session, storage: Storage, settings: Settings, bases: BaseRegistry, tenant: Tenant,
+    model_id: str, fmt: str,
 ) -> ExportFile:
     """The model's export in `fmt` (built and stored on first use). 404: not this tenant's model;
     409: the model is not ready, its delta is missing or unusable, or the base cannot be exported
@@ -97,13 +99,16 @@ def export_file(
         with _build_lock:
             if not path.is_file():  # another request may have built it while this one waited
                 model_id = model.id
-                _build(session=session, storage=storage, settings=settings, model=model, spec=spec)
+                _build(session=session, storage=storage, settings=settings, bases=bases, model=model,
+                       spec=spec)
                 if not path.is_file():  # the model was deleted while it was built: both files went
                     raise NotFound(f"no model {model_id}")
     return ExportFile(path, filename, OCTET)
 
 
-def _build(*, session: Session, storage: Storage, settings: Settings, model: Model, spec: Format) -> None:
+def _build(
+    *, session: Session, storage: Storage, settings: Settings, bases: BaseRegistry, model: Model, spec: Format
+) -> None:
     """Build one export from the stored delta and store it beside the delta (delta pinned)."""
     from app.services import inference
     from sparseshot.delta import SparseDelta
@@ -115,8 +120,8 @@ def _build(*, session: Session, storage: Storage, settings: Settings, model: Mod
         if not storage.exists(key):  # deleted between the check above and the pin
             raise ModelNotReady(f"the delta file of model {model_id} is not available")
         # base unavailable: 503; delta unusable: 409
-        with inference.serving_errors(model_id, settings, base_spec):
-            base = bases.get_base(base_spec)
+        with inference.serving_errors(model_id, settings, base_spec, bases=bases):
+            base = bases.get(base_spec)
             delta = SparseDelta.from_bytes(storage.get(key))
             try:
                 data = spec.build(base, delta)

@@ -1,13 +1,14 @@
-"""Serving adapted models: the service functions over the process's `Serving`, and its error mapping.
+"""Serving adapted models: the service functions over a process's `Serving`, and its error mapping.
 
-- Base models: `app.services.bases` (one registry per process).
+- Base models: `app.services.bases.BaseRegistry` (the process's, `runtime.bases`).
 - Prepared deltas: `app.services.model_cache.PreparedCache` (LRU under settings.model_cache_bytes,
   cold models prepared by loader threads).
 - Batching: `app.services.scheduler.Scheduler` (mixed-model batches over
   `sparseshot.serving.ServingEngine`, which never writes the shared base's weights).
 
-Callers are synchronous (FastAPI runs sync routes in a thread pool, which is what lets
-concurrent requests meet in a batch).
+The process's `Serving` is built on first use by its `app.runtime.Runtime` (`runtime.serving()`);
+callers pass it (or the registry) down. Callers are synchronous (FastAPI runs sync routes in a
+thread pool, which is what lets concurrent requests meet in a batch).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from app.core.config import Settings
 from app.errors import ModelNotReady, Unavailable
-from app.services import bases
+from app.services.bases import BaseRegistry
 from app.services.model_cache import PreparedCache
 from app.services.scheduler import QueueFull, QueueTimeout, Scheduler
 from app.storage import Storage, StorageError
@@ -46,10 +47,11 @@ class ServedModel(Protocol):
 
 
 @contextmanager
-def serving_errors(model_id: str | None, settings: Settings, base_model: str | None = None) -> Iterator[None]:
+def serving_errors(model_id: str | None, settings: Settings, base_model: str | None = None, *,
+                   bases: BaseRegistry) -> Iterator[None]:
     """The one mapping of serving failures to problems.
 
-    Base model unavailable: 503 with Retry-After = the base registry's remaining backoff for
+    Base model unavailable: 503 with Retry-After = the registry `bases`' remaining backoff for
     `base_model` (default: the configured base) when its load failed, else serving_retry_after_s.
     Queue full or too slow: 503 (Retry-After serving_retry_after_s). The model's delta missing,
     corrupt or made for another base: 409.
@@ -69,25 +71,27 @@ def serving_errors(model_id: str | None, settings: Settings, base_model: str | N
         raise ModelNotReady(f"model {model_id} cannot be served: {e}") from e
 
 
-# ---------------------------------------------------------------- the process's serving state
+# ---------------------------------------------------------------- a process's serving state
 
 
-def load_prepared(storage: Storage, spec: str, delta_key: str) -> PreparedDelta:
+def load_prepared(bases: BaseRegistry, storage: Storage, spec: str, delta_key: str) -> PreparedDelta:
     """A stored delta, verified and prepared for serving over its base (runs in a loader thread)."""
     from sparseshot.delta import SparseDelta
     from sparseshot.serving import prepare
 
-    base = bases.get_base(spec)
+    base = bases.get(spec)
     delta = SparseDelta.from_bytes(storage.get(delta_key))
     return prepare(base, delta)
 
 
 class Serving:
-    """What serving keeps for a process: one ServingEngine per base, and the scheduler with its
-    cache of prepared deltas, sized by `settings`. The threads start on first use."""
+    """What serving keeps for a process: one ServingEngine per base (of the registry `bases`), and
+    the scheduler with its cache of prepared deltas, sized by `settings`. The threads start on
+    first use. Built and closed by the process's app.runtime.Runtime (`runtime.serving()`)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, bases: BaseRegistry) -> None:
         self.settings = settings
+        self.bases = bases
         self._engines: dict[str, ServingEngine] = {}
         self._lock = threading.Lock()
         cache = PreparedCache(settings.model_cache_bytes, threads=settings.serving_loader_threads)
@@ -105,7 +109,7 @@ class Serving:
             engine = self._engines.get(spec)
         if engine is None:
             budget = self.settings.serving_dense_cache_bytes
-            engine = ServingEngine(bases.get_base(spec), dense_cache_bytes=budget)
+            engine = ServingEngine(self.bases.get(spec), dense_cache_bytes=budget)
             with self._lock:
                 engine = self._engines.setdefault(spec, engine)
         return engine
@@ -118,71 +122,40 @@ class Serving:
             self._engines.clear()
 
 
-# The process's Serving: callers reach it through the functions below (the in-process serving
-# benchmark too, which has no Runtime), so it is kept here rather than on app.runtime.Runtime.
-_serving: Serving | None = None
-_lock = threading.Lock()
-
-
-def serving(settings: Settings) -> Serving:
-    """The process's Serving, built on first use from `settings` (the process's settings)."""
-    global _serving
-    with _lock:
-        if _serving is None:
-            _serving = Serving(settings)
-        return _serving
-
-
-def get_scheduler() -> Scheduler:
-    """The process's scheduler, once something was classified (benchmarks and tests look at it)."""
-    with _lock:
-        if _serving is None:
-            raise RuntimeError("nothing has been served in this process yet")
-        return _serving.scheduler
-
-
-def reset() -> None:
-    """Stop the process's Serving, forget prepared deltas, engines and bases (tests)."""
-    global _serving
-    with _lock:
-        old, _serving = _serving, None
-    if old is not None:
-        old.close()
-    bases.reset()
-
-
 # ---------------------------------------------------------------- the service functions
 
 
-def _pixels(spec: str, images: Sequence[Image]) -> torch.Tensor:
+def _pixels(bases: BaseRegistry, spec: str, images: Sequence[Image]) -> torch.Tensor:
     """(n, 3, S, S) eval-preprocessed RGB images (in the caller's thread, in parallel across requests)."""
-    base = bases.get_base(spec)
+    base = bases.get(spec)
     rgb = [im.convert("RGB") if getattr(im, "mode", "RGB") != "RGB" else im for im in images]
     return torch.stack([base.preprocess_eval(im) for im in rgb])
 
 
 def classify(
     *, model: ServedModel, images: Sequence[tuple[str, Image]], top_k: int, storage: Storage,
-    settings: Settings,
+    serving: Serving,
 ) -> list[dict[str, Any]]:
-    """Top-k labels per image: [{"filename", "labels": [{"label", "score"}]}] in input order.
+    """Top-k labels per image: [{"filename", "labels": [{"label", "score"}]}] in input order, by
+    the process's `serving`.
 
     Raises the sparseshot/storage/scheduler errors that `serving_errors` maps."""
-    spec, key = model.base_model, model.delta_key
-    pixels = _pixels(spec, [im for _, im in images])
-    scheduler = serving(settings).scheduler
-    preds = scheduler.submit((spec, key), pixels, top_k, lambda: load_prepared(storage, spec, key))
+    spec, key, bases = model.base_model, model.delta_key, serving.bases
+    pixels = _pixels(bases, spec, [im for _, im in images])
+    preds = serving.scheduler.submit((spec, key), pixels, top_k,
+                                     lambda: load_prepared(bases, storage, spec, key))
     return [
         {"filename": name, "labels": [{"label": label, "score": float(score)} for label, score in pred]}
         for (name, _), pred in zip(images, preds, strict=True)
     ]
 
 
-def zeroshot_delta(*, classes: list[str], base_model: str | None = None,
+def zeroshot_delta(*, bases: BaseRegistry, classes: list[str], base_model: str | None = None,
                    template: str | None = None) -> SparseDelta:
-    """A zero-shot model's delta (class embeddings only) over the process's base model."""
+    """A zero-shot model's delta (class embeddings only) over `base_model` (default: the
+    registry's default base) from the registry `bases`."""
     import sparseshot
 
-    base = bases.get_base(base_model)
+    base = bases.get(base_model)
     hparams = {"template": template} if template else {}
     return sparseshot.adapt(base, [], [], list(classes), method="zeroshot", **hparams).delta

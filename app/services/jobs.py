@@ -15,7 +15,8 @@ from app.jobs.status import FINISHED, JobStatus
 from app.models import Job, Tenant, utcnow
 from app.queue import Queue
 from app.schemas import JobCreate, JobProgress, JobPublic
-from app.services import bases, webhooks
+from app.services import webhooks
+from app.services.bases import BaseRegistry
 from app.services.datasets import get_dataset, image_counts
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,10 @@ def estimate_seconds(*, settings: Settings, base_model: str, method: str, params
     return None if any(p is None for p in parts) else round(sum(p or 0.0 for p in parts), 1)
 
 
-def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Tenant, body: JobCreate) -> Job:
+def create_job(
+    *, session: Session, settings: Settings, queue: Queue, bases: BaseRegistry, tenant: Tenant,
+    body: JobCreate,
+) -> Job:
     """Check the dataset and params, commit the queued job, then hand it to the queue (503 and no
     job when the queue cannot take it).
 
@@ -80,7 +84,7 @@ def create_job(*, session: Session, settings: Settings, queue: Queue, tenant: Te
     """
     dataset = get_dataset(session=session, tenant=tenant, dataset_id=body.dataset_id)
     base_model = resolve_base_model(body.base_model, settings)
-    _check_base_available(base_model)
+    _check_base_available(bases, base_model)
     if body.webhook_url is not None:
         webhooks.check_url(url=body.webhook_url, settings=settings)
         webhooks.ensure_secret(session=session, tenant=tenant)  # committed with the job
@@ -116,8 +120,8 @@ def _validation(option: dict | None, counts: dict[str, int]) -> dict | None:
         raise InvalidInput(str(e)) from None
 
 
-def _check_base_available(spec: str) -> None:
-    """503 + Retry-After while this process's last load of the base failed (app.services.bases):
+def _check_base_available(bases: BaseRegistry, spec: str) -> None:
+    """503 + Retry-After while this process's last load of the base failed (its registry `bases`):
     a job accepted now would only fail when its worker tries the same load."""
     down = bases.unavailable(spec)
     if down is not None:

@@ -16,14 +16,16 @@ from app.core.config import Settings
 from app.errors import InvalidInput, ModelNotReady, NotFound, TooLarge
 from app.models import Job, Model, Tenant
 from app.schemas import ClassifyPublic, DeltaInfo, ModelPublic, Prediction, ZeroshotCreate
-from app.services import bases, objects
 from app.services import images as imgcheck
+from app.services import objects
 from app.services.datasets import Upload
 from app.services.jobs import resolve_base_model, validate_params
 from app.storage import Storage
 from sparseshot.delta import DeltaError, SparseDelta
 
 if TYPE_CHECKING:
+    from app.services.bases import BaseRegistry
+    from app.services.inference import Serving
     from sparseshot.base import BaseModel
 
 
@@ -82,7 +84,8 @@ def create_model_from_delta(
 
 
 def create_zeroshot(
-    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, body: ZeroshotCreate
+    *, session: Session, storage: Storage, settings: Settings, bases: BaseRegistry, tenant: Tenant,
+    body: ZeroshotCreate,
 ) -> Model:
     """A model from class names alone (text embeddings of the prompts), usable at once."""
     from app.services import inference  # loads torch and open_clip: only when a model is made
@@ -93,15 +96,16 @@ def create_zeroshot(
     template = validate_params("zeroshot", {"template": body.template} if body.template else {})["template"]
     base_model = resolve_base_model(body.base_model, settings)
     quotas.check_new_model(session=session, tenant=tenant, settings=settings, lock=False)  # before the work
-    with inference.serving_errors(None, settings, base_model):
-        delta = inference.zeroshot_delta(classes=list(body.classes), base_model=base_model, template=template)
+    with inference.serving_errors(None, settings, base_model, bases=bases):
+        delta = inference.zeroshot_delta(bases=bases, classes=list(body.classes), base_model=base_model,
+                                         template=template)
     return create_model_from_delta(session=session, storage=storage, settings=settings, tenant=tenant,
                                    delta=delta, base_model=base_model, method="zeroshot", name=body.name)
 
 
 def import_model(
-    *, session: Session, storage: Storage, settings: Settings, tenant: Tenant, upload: Upload,
-    name: str | None,
+    *, session: Session, storage: Storage, settings: Settings, bases: BaseRegistry, tenant: Tenant,
+    upload: Upload, name: str | None,
 ) -> Model:
     """A model from a delta file made by sparseshot for this server's base; nothing is stored
     unless every check passes (size, format and checksum, base fingerprint, classes, embeddings)."""
@@ -115,8 +119,8 @@ def import_model(
     except DeltaError as e:
         raise InvalidInput(f"not a valid sparseshot delta file: {e}") from None
     spec = _import_base(delta, settings)
-    with inference.serving_errors(None, settings, spec):
-        base = bases.get_base(spec)
+    with inference.serving_errors(None, settings, spec, bases=bases):
+        base = bases.get(spec)
     _check_import(delta, base, settings)
     method = str(delta.meta.get("method") or "imported")[:32]
     quotas.check_new_model(session=session, tenant=tenant, settings=settings, lock=False)
@@ -237,6 +241,7 @@ def classify(
     session: Session,
     storage: Storage,
     settings: Settings,
+    serving: Serving,
     tenant: Tenant,
     model_id: str,
     files: list[Upload],
@@ -268,9 +273,9 @@ def classify(
     if rejected:
         first = rejected[0]
         raise InvalidInput(f"{first['filename']}: {first['detail']}", extra={"rejected": rejected})
-    with inference.serving_errors(model.id, settings, model.base_model):
+    with inference.serving_errors(model.id, settings, model.base_model, bases=serving.bases):
         results = inference.classify(model=model, images=decoded, top_k=min(top_k, len(model.classes)),
-                                     storage=storage, settings=settings)
+                                     storage=storage, serving=serving)
     if cut is not None:
         results = [{**r, "labels": _cut(r["labels"], cut)} for r in results]
         results = [{**r, "unknown": not r["labels"]} for r in results]

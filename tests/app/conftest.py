@@ -25,6 +25,7 @@ from app.core.config import Settings
 from app.db import SessionLocal, make_engine
 from app.main import create_app
 from app.models import Base
+from app.runtime import Runtime
 from app.services import auth
 from migrations import upgrade
 from tests.fakes import RecordingQueue
@@ -117,6 +118,14 @@ def enqueued(queue: RecordingQueue) -> list[str]:
 def client(settings: Settings, queue: RecordingQueue) -> Iterator[TestClient]:
     with TestClient(create_app(settings, queue=queue), raise_server_exceptions=False) as c:
         yield c
+
+
+@pytest.fixture
+def runtime(client: TestClient) -> Runtime:
+    """The runtime context of the test's app: its base-model registry and its serving, new for
+    each test and closed with the app."""
+    rt: Runtime = client.app.state.runtime  # type: ignore[attr-defined]
+    return rt
 
 
 @pytest.fixture

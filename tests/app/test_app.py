@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-import app.services.bases as bases
 from app.db import SessionLocal
 from app.services import auth
 
@@ -16,13 +15,14 @@ def test_healthz(client: TestClient) -> None:
 
 
 def test_readyz_reports_each_check(client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bases, "base_ready", lambda spec=None: True)
+    bases = client.app.state.runtime.bases  # type: ignore[attr-defined]
+    monkeypatch.setattr(bases, "ready", lambda spec=None: True)
     r = client.get("/readyz")
     assert r.status_code == 200, r.text
     checks = {"database": True, "broker": True, "base_model": True}
     assert r.json() == {"status": "ready", "checks": checks, "reasons": {}}
 
-    monkeypatch.setattr(bases, "base_ready", lambda spec=None: False)
+    monkeypatch.setattr(bases, "ready", lambda spec=None: False)
     r = client.get("/readyz")
     assert r.status_code == 503
     assert r.json()["checks"]["base_model"] is False and r.json()["reasons"] == {"base_model": "not ready"}

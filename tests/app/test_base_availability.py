@@ -10,7 +10,8 @@ import pytest
 
 import sparseshot
 from app.core.config import Settings
-from app.services import bases
+from app.runtime import Runtime
+from app.services.bases import BaseRegistry
 from sparseshot.base import BaseModelError
 from tests.app.conftest import Api
 
@@ -25,7 +26,7 @@ class Clock:
 
 @pytest.fixture
 def failing_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
-    """sparseshot.load_base raising (while `state["fail"]`), counted; the backoff on a fake clock."""
+    """sparseshot.load_base raising (while `state["fail"]`), counted; a fake clock for the backoff."""
     state: dict[str, Any] = {"calls": 0, "fail": True, "clock": Clock()}
 
     def load(spec: str, device: Any = None, cache_dir: Any = None) -> Any:
@@ -34,47 +35,52 @@ def failing_loads(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, Any]]:
             raise BaseModelError(f"weights for {spec} are not in the local cache")
         return object()
 
-    bases.reset()
     monkeypatch.setitem(vars(sparseshot), "load_base", load)
-    monkeypatch.setattr(bases, "_now", state["clock"])
     yield state
-    bases.reset()
+
+
+@pytest.fixture
+def bases(runtime: Runtime, failing_loads: dict[str, Any]) -> BaseRegistry:
+    """The app's base-model registry, its backoff on the fake clock."""
+    runtime.bases.clock = failing_loads["clock"]
+    return runtime.bases
 
 
 def test_a_failed_load_is_remembered_and_retried_with_doubling_delays(failing_loads: dict[str, Any]) -> None:
     clock = failing_loads["clock"]
+    bases = BaseRegistry(Settings(), clock=clock)
     with pytest.raises(BaseModelError) as first:
-        bases.get_base("ViT-B-16:openai")
+        bases.get("ViT-B-16:openai")
     message = str(first.value)
     for needed in ("ViT-B-16:openai", "not in the local cache", "SPARSESHOT_BASE_MODEL", "HF_HUB_OFFLINE",
                    "SPARSESHOT_MODEL_DOWNLOAD_DIR", "tried"):
         assert needed in message, needed
     with pytest.raises(BaseModelError, match="next try in"):
-        bases.get_base("ViT-B-16:openai")  # remembered: no new load
+        bases.get("ViT-B-16:openai")  # remembered: no new load
     assert failing_loads["calls"] == 1
-    assert bases.unavailable("ViT-B-16:openai") == (bases.base_error("ViT-B-16:openai"), 30)
+    assert bases.unavailable("ViT-B-16:openai") == (bases.error("ViT-B-16:openai"), 30)
 
     delays = []
     for _ in range(6):  # each due retry fails again: the delay doubles up to the cap
         clock.t += 10_000
         with pytest.raises(BaseModelError):
-            bases.get_base("ViT-B-16:openai")
+            bases.get("ViT-B-16:openai")
         delays.append(bases.unavailable("ViT-B-16:openai")[1])  # type: ignore[index]
     assert delays == [60, 120, 240, 480, 600, 600]
     assert failing_loads["calls"] == 7
 
     failing_loads["fail"] = False
     clock.t += 10_000
-    assert bases.get_base("ViT-B-16:openai") is not None
-    assert bases.unavailable("ViT-B-16:openai") is None and bases.base_error("ViT-B-16:openai") is None
+    assert bases.get("ViT-B-16:openai") is not None
+    assert bases.unavailable("ViT-B-16:openai") is None and bases.error("ViT-B-16:openai") is None
 
 
 def test_jobs_are_refused_while_the_base_is_unavailable(
-    api: Api, settings: Settings, failing_loads: dict[str, Any], enqueued: list[str],
+    api: Api, settings: Settings, bases: BaseRegistry, failing_loads: dict[str, Any], enqueued: list[str],
 ) -> None:
     ds = api.ready_dataset()
     with pytest.raises(BaseModelError):
-        bases.get_base(settings.base_model)
+        bases.get(settings.base_model)
     r = api.job(ds["id"])
     body = api.problem(r, 503)
     assert r.headers["Retry-After"] == "30"
@@ -85,12 +91,13 @@ def test_jobs_are_refused_while_the_base_is_unavailable(
 
     failing_loads["fail"] = False
     failing_loads["clock"].t += 31
-    bases.get_base(settings.base_model)  # the retry is due and succeeds
+    bases.get(settings.base_model)  # the retry is due and succeeds
     assert api.job(ds["id"]).status_code == 202
 
 
 def test_serving_answers_the_bases_backoff_as_retry_after(
-    api: Api, settings: Settings, failing_loads: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+    api: Api, settings: Settings, bases: BaseRegistry, failing_loads: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """503 while the base cannot load carries the registry's remaining backoff, not
     serving_retry_after_s (which stays for a busy queue)."""

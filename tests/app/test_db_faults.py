@@ -105,9 +105,6 @@ def _problem_503(r) -> None:  # type: ignore[no-untyped-def]
 
 def test_database_down_is_503_readyz_says_why_and_the_app_recovers(
         pg_url: str, proxy: TcpProxy, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import app.services.bases as bases
-
-    monkeypatch.setattr(bases, "base_ready", lambda *_a, **_k: True)
     tenant = f"dbfault-{uuid.uuid4().hex[:6]}"
     engine = make_engine(pg_url)
     with SessionLocal(bind=engine) as session:
@@ -118,7 +115,9 @@ def test_database_down_is_503_readyz_says_why_and_the_app_recovers(
     settings = Settings(data_dir=tmp_path / "data", database_url=via_proxy, base_model=BASE_SPEC)
     new_dataset = {"name": "pets", "classes": ["cat", "dog"]}
 
-    with TestClient(create_app(settings, queue=RecordingQueue()), raise_server_exceptions=False) as c:
+    api = create_app(settings, queue=RecordingQueue())
+    monkeypatch.setattr(api.state.runtime.bases, "ready", lambda *_a, **_k: True)
+    with TestClient(api, raise_server_exceptions=False) as c:
         ds = c.post("/v1/datasets", json=new_dataset, headers=headers)
         assert ds.status_code == 201, ds.text
         assert c.get("/readyz").status_code == 200  # the pool now holds live connections

@@ -41,10 +41,10 @@ def colour_inference(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         def to_bytes(self) -> bytes:
             return json.dumps(self.meta, sort_keys=True).encode()
 
-    def zeroshot_delta(*, classes, base_model, template):
+    def zeroshot_delta(*, bases, classes, base_model, template):
         return SmallDelta({"classes": classes, "base": base_model, "template": template})
 
-    def classify(*, model, images, top_k, storage, settings):
+    def classify(*, model, images, top_k, storage, serving):
         batches.append(len(images))
         out = []
         for name, im in images:
@@ -156,21 +156,17 @@ def test_classify_threshold(api, fake_inference) -> None:  # noqa: F811 - scores
 
 def test_evaluation_through_the_real_serving_path_agrees_with_classify(api) -> None:
     """The tiny random base: whatever it predicts, the evaluation counts what /classify answers."""
-    inference.reset()
-    try:
-        model = _zeroshot(api, CLASSES)
-        ds = _labelled_dataset(api)
-        ev = _evaluate(api, model["id"], ds["id"]).json()
-        truth, top1 = [], []
-        for label, colour in IMAGES[:6]:
-            r = _classify(api, model["id"], api.image(colour), top_k=1)
-            truth.append(CLASSES.index(label))
-            top1.append(CLASSES.index(r.json()["predictions"][0]["labels"][0]["label"]))
-        want = [[sum(1 for t, p in zip(truth, top1, strict=True) if (t, p) == (i, j)) for j in range(3)]
-                for i in range(3)]
-        assert ev["confusion_matrix"] == want
-        assert ev["accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, top1, strict=True)) / 6)
-        for c in CLASSES:  # a threshold is one of the class's own images' probabilities
-            assert ev["suggested_thresholds"][c] is not None and 0.0 < ev["suggested_thresholds"][c] <= 1.0
-    finally:
-        inference.reset()
+    model = _zeroshot(api, CLASSES)
+    ds = _labelled_dataset(api)
+    ev = _evaluate(api, model["id"], ds["id"]).json()
+    truth, top1 = [], []
+    for label, colour in IMAGES[:6]:
+        r = _classify(api, model["id"], api.image(colour), top_k=1)
+        truth.append(CLASSES.index(label))
+        top1.append(CLASSES.index(r.json()["predictions"][0]["labels"][0]["label"]))
+    want = [[sum(1 for t, p in zip(truth, top1, strict=True) if (t, p) == (i, j)) for j in range(3)]
+            for i in range(3)]
+    assert ev["confusion_matrix"] == want
+    assert ev["accuracy"] == pytest.approx(sum(t == p for t, p in zip(truth, top1, strict=True)) / 6)
+    for c in CLASSES:  # a threshold is one of the class's own images' probabilities
+        assert ev["suggested_thresholds"][c] is not None and 0.0 < ev["suggested_thresholds"][c] <= 1.0

@@ -17,7 +17,7 @@ from app import cli
 from app.core.config import Settings
 from app.db import SessionLocal
 from app.models import Model, Tenant
-from app.services import bases, exports, inference
+from app.services import exports
 from app.storage import LocalStorage
 from sparseshot.client import Client, NotFound
 from sparseshot.export import EXPORT_VERSION, checkpoint_classifier, onnx_classes
@@ -26,15 +26,9 @@ from tests.sparseshot.test_export import CLASSES, images, prototype_delta
 sqlite_only = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # the export itself: one backend
 
 
-@pytest.fixture(autouse=True)
-def _fresh_serving():
-    inference.reset()
-    yield
-    inference.reset()
-
-
 def _import(api, settings: Settings) -> dict:
-    data = prototype_delta(bases.get_base(settings.base_model)).to_bytes()
+    bases = api.client.app.state.runtime.bases  # the app's registry
+    data = prototype_delta(bases.get(settings.base_model)).to_bytes()
     files = {"delta": ("m.safetensors", data, "application/octet-stream")}
     r = api.client.post("/v1/models/import", files=files, headers=api.headers)
     assert r.status_code == 201, r.text

@@ -247,12 +247,10 @@ def test_zip_members_are_read_one_at_a_time(api, monkeypatch) -> None:
 def test_readyz_says_why_the_database_is_not_ready(settings: Settings, enqueued, monkeypatch) -> None:
     from fastapi.testclient import TestClient
 
-    import app.services.bases as bases
-
-    monkeypatch.setattr(bases, "base_ready", lambda *_a, **_k: True)
-
     bad = settings.model_copy(update={"database_url": "postgresql://postgres@127.0.0.1:1/none"})
-    with TestClient(create_app(bad), raise_server_exceptions=False) as c:
+    api = create_app(bad)
+    monkeypatch.setattr(api.state.runtime.bases, "ready", lambda *_a, **_k: True)
+    with TestClient(api, raise_server_exceptions=False) as c:
         r = c.get("/readyz")
         assert r.status_code == 503 and not r.json()["checks"]["database"]
         assert "OperationalError" in r.json()["reasons"]["database"]

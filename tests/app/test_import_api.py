@@ -6,27 +6,19 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import pytest
 import torch
 
 from app.core.config import Settings
-from app.services import bases, inference
+from app.services.bases import BaseRegistry
 from sparseshot.classifier import class_text_embeddings
 from sparseshot.delta import SparseDelta
 
 CLASSES = ["cat", "dog", "boat"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_serving():
-    inference.reset()
-    yield
-    inference.reset()
-
-
-def _delta(settings: Settings, *, fingerprint: str | None = None, embeddings: bool = True) -> SparseDelta:
-    """An SO-like delta over the tiny base: a few entries of two vision matrices changed."""
-    base = bases.get_base(settings.base_model)
+def _delta(bases: BaseRegistry, *, fingerprint: str | None = None, embeddings: bool = True) -> SparseDelta:
+    """An SO-like delta over the app's (tiny) base: a few entries of two vision matrices changed."""
+    base = bases.get()
     g = torch.Generator().manual_seed(0)
     adapted = copy.deepcopy(base.model)
     state = adapted.state_dict(keep_vars=True)
@@ -52,8 +44,8 @@ def _stored(settings: Settings) -> list[Path]:
     return sorted(p for p in settings.storage_dir.rglob("*") if p.is_file())
 
 
-def test_import_makes_a_ready_model_that_classifies(api, settings: Settings) -> None:
-    data = _delta(settings).to_bytes()
+def test_import_makes_a_ready_model_that_classifies(api, runtime, settings: Settings) -> None:
+    data = _delta(runtime.bases).to_bytes()
     r = _import(api, data, name="pets v2")
     assert r.status_code == 201, r.text
     model = r.json()
@@ -74,14 +66,14 @@ def _flip(data: bytes, at: int) -> bytes:
     return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
-def test_bad_files_are_refused_and_nothing_is_stored(api, settings: Settings) -> None:
-    good = _delta(settings).to_bytes()
+def test_bad_files_are_refused_and_nothing_is_stored(api, runtime, settings: Settings) -> None:
+    good = _delta(runtime.bases).to_bytes()
     cases = {
         "garbage": (b"definitely not a delta", 422, "not a valid"),
         "truncated": (good[: len(good) // 2], 422, "truncated"),
         "tampered": (_flip(good, len(good) - 10), 422, "checksum"),
-        "other base": (_delta(settings, fingerprint="ab" * 32).to_bytes(), 422, "another base"),
-        "no embeddings": (_delta(settings, embeddings=False).to_bytes(), 422, "class_embeddings"),
+        "other base": (_delta(runtime.bases, fingerprint="ab" * 32).to_bytes(), 422, "another base"),
+        "no embeddings": (_delta(runtime.bases, embeddings=False).to_bytes(), 422, "class_embeddings"),
         "empty": (b"", 422, "not a valid"),
     }
     before = _stored(settings)

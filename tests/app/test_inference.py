@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pytest
 import torch
 
-from app.services import bases, inference
+from app.runtime import Runtime
+from app.services import inference
+from app.services.bases import BaseRegistry
 from app.services.model_cache import PreparedCache
 from app.services.scheduler import QueueFull, Scheduler
 
@@ -186,6 +189,14 @@ def test_lru_respects_byte_budget_and_loads_once() -> None:
 # ---------------------------------------------------------------- with the real tiny base model
 
 
+@pytest.fixture
+def runtime(env_settings) -> Iterator[Runtime]:
+    """A process's runtime context over the environment's settings: its base models and serving."""
+    rt = Runtime.build(env_settings)
+    yield rt
+    rt.close()
+
+
 def _store_delta(base, classes, *, perturb: float | None, seed: int) -> str:
     from app.storage import get_storage
     from sparseshot import SparseDelta
@@ -207,14 +218,13 @@ def _store_delta(base, classes, *, perturb: float | None, seed: int) -> str:
     return get_storage().put(delta.to_bytes())
 
 
-def test_real_models_served_concurrently_match_the_classifier(env_settings) -> None:
+def test_real_models_served_concurrently_match_the_classifier(env_settings, runtime) -> None:
     from PIL import Image
 
     from app.storage import get_storage
     from sparseshot import Classifier, SparseDelta
 
-    inference.reset()
-    base = bases.get_base()
+    base = runtime.bases.get()
 
     class Row:
         def __init__(self, key: str) -> None:
@@ -224,7 +234,7 @@ def test_real_models_served_concurrently_match_the_classifier(env_settings) -> N
     rows = [Row(k) for k in keys]
     imgs = [(f"{i}.png", Image.new("RGB", (40, 40), (i * 60, 255 - i * 50, 90))) for i in range(4)]
     jobs = [(rows[i % 3],) for i in range(12)]
-    serve = dict(storage=get_storage(), settings=env_settings)
+    serve = dict(storage=get_storage(), serving=runtime.serving())
     got = _parallel(lambda r: inference.classify(model=r, images=imgs, top_k=3, **serve), jobs)
     for (r,), out in zip(jobs, got, strict=True):
         clf = Classifier(base, SparseDelta.from_bytes(get_storage().get(r.delta_key)))
@@ -232,7 +242,7 @@ def test_real_models_served_concurrently_match_the_classifier(env_settings) -> N
         for p, q in zip(out, want, strict=True):
             assert [lab["label"] for lab in p["labels"]] == [label for label, _ in q]
             assert [lab["score"] for lab in p["labels"]] == pytest.approx([s for _, s in q], abs=1e-5)
-    sched = inference.get_scheduler()
+    sched = runtime.serving().scheduler
     assert sched.cache.misses == 3 and sched.batches < 12
 
     from app.storage import StorageError
@@ -240,25 +250,23 @@ def test_real_models_served_concurrently_match_the_classifier(env_settings) -> N
 
     with pytest.raises((StorageError, FileNotFoundError, DeltaError)):
         inference.classify(model=Row("0" * 64), images=imgs, top_k=1, **serve)
-    inference.reset()
 
 
-def test_zeroshot_delta_is_servable(env_settings) -> None:
+def test_zeroshot_delta_is_servable(env_settings, runtime) -> None:
     from PIL import Image
 
     from app.storage import get_storage
 
-    inference.reset()
-    delta = inference.zeroshot_delta(classes=["cat", "dog"], base_model=None, template="a picture of a {}.")
+    delta = inference.zeroshot_delta(bases=runtime.bases, classes=["cat", "dog"], base_model=None,
+                                     template="a picture of a {}.")
     key = get_storage().put(delta.to_bytes())
 
     class Row:
         id, base_model, delta_key = "zs", env_settings.base_model, key
 
     (pred,) = inference.classify(model=Row(), images=[("x.png", Image.new("RGB", (32, 32)))], top_k=5,
-                                 storage=get_storage(), settings=env_settings)
+                                 storage=get_storage(), serving=runtime.serving())
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
-    inference.reset()
 
 
 def test_base_ready_does_not_block_while_loading(env_settings, monkeypatch) -> None:
@@ -270,15 +278,14 @@ def test_base_ready_does_not_block_while_loading(env_settings, monkeypatch) -> N
         release.wait(10)
         return object()
 
-    inference.reset()
+    bases = BaseRegistry(env_settings)
     monkeypatch.setitem(vars(sparseshot), "load_base", slow_load)
     t0 = time.monotonic()
-    assert bases.base_ready() is False  # starts the background load
-    assert bases.base_ready() is False
+    assert bases.ready() is False  # starts the background load
+    assert bases.ready() is False
     assert time.monotonic() - t0 < 1
     release.set()
     deadline = time.monotonic() + 5
-    while not bases.base_ready() and time.monotonic() < deadline:
+    while not bases.ready() and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert bases.base_ready()
-    inference.reset()
+    assert bases.ready()

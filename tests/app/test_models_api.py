@@ -30,10 +30,10 @@ def fake_inference(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> list[
         def to_bytes(self) -> bytes:
             return json.dumps(self.meta, sort_keys=True).encode()
 
-    def zeroshot_delta(*, classes, base_model, template):
+    def zeroshot_delta(*, bases, classes, base_model, template):
         return SmallDelta({"classes": classes, "base": base_model, "template": template, "created_at": "-"})
 
-    def classify(*, model, images, top_k, storage, settings):
+    def classify(*, model, images, top_k, storage, serving):
         calls.append({"model": model.id, "n": len(images), "top_k": top_k})
         scores = [0.6, 0.3, 0.1][: len(model.classes)]
         labels = [{"label": c, "score": s} for c, s in zip(model.classes, scores, strict=False)][:top_k]
@@ -203,7 +203,6 @@ def test_serving_failures_map_to_409_and_503(api, fake_inference, monkeypatch) -
 
 def test_base_unavailable_while_serving_is_503_not_409(api, fake_inference, monkeypatch) -> None:
     """Through the real serving path: the base failing to load is the server's problem (503)."""
-    from app.services import bases
     from sparseshot.base import BaseModelError
 
     model = _zeroshot(api)
@@ -212,6 +211,6 @@ def test_base_unavailable_while_serving_is_503_not_409(api, fake_inference, monk
     def no_base(spec=None):
         raise BaseModelError("weights not in the cache")
 
-    monkeypatch.setattr(bases, "get_base", no_base)
+    monkeypatch.setattr(api.client.app.state.runtime.bases, "get", no_base)
     r = _classify(api, model["id"], api.image())
     assert "base model" in api.problem(r, 503)["detail"] and "Retry-After" in r.headers

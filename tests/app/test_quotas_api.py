@@ -99,7 +99,7 @@ def test_models_limit_counts_models_and_active_jobs(api, engine: Engine, fake_in
     _quota(api, api.job(ds["id"], params={"n_iters": 3}), "max_models", 2, 2)
 
 
-def test_concurrent_submits_take_the_last_slots_once(api, engine: Engine, settings: Settings,
+def test_concurrent_submits_take_the_last_slots_once(api, runtime, engine: Engine, settings: Settings,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """8 threads submit at once for 3 slots; counting is slowed down so that, without the tenant
     lock, every thread would count 0 queued jobs before any inserts."""
@@ -121,8 +121,8 @@ def test_concurrent_submits_take_the_last_slots_once(api, engine: Engine, settin
             assert tenant is not None
             start.wait()
             try:
-                jobs_svc.create_job(session=s, settings=settings, queue=queue, tenant=tenant,
-                                    body=JobCreate(dataset_id=ds["id"], params={"n_iters": 3}))
+                jobs_svc.create_job(session=s, settings=settings, queue=queue, bases=runtime.bases,
+                                    tenant=tenant, body=JobCreate(dataset_id=ds["id"], params={"n_iters": 3}))
                 results.append("ok")
             except QuotaExceeded as e:
                 results.append(e.extra["limit"])

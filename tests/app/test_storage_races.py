@@ -148,7 +148,7 @@ def test_delete_model_keeps_a_delta_that_a_pending_zeroshot_pinned(
         def to_bytes(self) -> bytes:  # the same bytes for the same classes (a shared file)
             return json.dumps(self.meta, sort_keys=True).encode()
 
-    monkeypatch.setattr(inference, "zeroshot_delta", lambda *, classes, base_model, template:
+    monkeypatch.setattr(inference, "zeroshot_delta", lambda *, bases, classes, base_model, template:
                         SmallDelta({"classes": classes, "base": base_model}))
     calls = [0]
     written, resume = threading.Event(), threading.Event()

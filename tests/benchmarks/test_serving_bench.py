@@ -17,7 +17,6 @@ def _restore_env(monkeypatch):
                  "SPARSESHOT_MAX_FILES_PER_REQUEST", "SPARSESHOT_MAX_DELTA_BYTES"):
         monkeypatch.delenv(name, raising=False)  # restored after the test; the benchmark sets them
     yield
-    serving.Service.reset()
     get_settings.cache_clear()
 
 

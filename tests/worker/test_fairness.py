@@ -44,7 +44,8 @@ def _submit(runtime: Any, tenant: str, dataset_id: str) -> str:
     """POST /v1/jobs's service: commits the queued job, then sends its message to runtime.queue."""
     with session_scope(runtime.engine) as s:
         row = s.scalar(select(Tenant).where(Tenant.name == tenant))
-        job = jobs_svc.create_job(session=s, settings=runtime.settings, queue=runtime.queue, tenant=row,
+        job = jobs_svc.create_job(session=s, settings=runtime.settings, queue=runtime.queue,
+                                  bases=runtime.bases, tenant=row,
                                   body=JobCreate(dataset_id=dataset_id, params={"n_iters": 2}))
         return job.id
 

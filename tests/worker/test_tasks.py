@@ -82,12 +82,12 @@ def fake_adapt_factory(calls: list[dict[str, Any]], *, steps: int = 3, sleep: fl
 
 
 @pytest.fixture
-def fake_lib(monkeypatch):
+def fake_lib(monkeypatch, runtime):
     calls: list[dict[str, Any]] = []
     monkeypatch.setitem(vars(sparseshot), "Cancelled", FakeCancelled)
     monkeypatch.setitem(vars(sparseshot), "adapt", fake_adapt_factory(calls))
     monkeypatch.setattr(crossval, "adapt", fake_adapt_factory(calls))  # the folds of a k-fold job
-    monkeypatch.setattr(tasks, "get_base", lambda spec: SimpleNamespace(image_size=16))
+    monkeypatch.setattr(runtime.bases, "get", lambda spec=None: SimpleNamespace(image_size=16))
     return calls
 
 
@@ -354,11 +354,9 @@ def test_real_training_produces_a_servable_model(settings, runtime, method):
         model = s.get(Model, job.model_id)
         s.expunge(model)
     assert model.method == method and model.nbytes > 0
-    inference.reset()
     (pred,) = inference.classify(model=model, images=[("q.png", PILImage.new("RGB", (8, 8)))], top_k=2,
-                                 storage=runtime.storage, settings=settings)
+                                 storage=runtime.storage, serving=runtime.serving())
     assert {lab["label"] for lab in pred["labels"]} == {"cat", "dog"}
-    inference.reset()
 
 
 def test_real_kfold_job(settings, runtime):

@@ -16,6 +16,7 @@ from app.metrics import JOBS, QUEUE_DEPTH
 from app.models import Job
 from app.queue import Queue
 from app.schemas import Readiness
+from app.services.bases import BaseRegistry
 
 router = APIRouter(tags=["health"])
 log = logging.getLogger(__name__)
@@ -29,11 +30,9 @@ def _broker_ready(queue: Queue) -> bool:
         return False
 
 
-def _base_ready(spec: str) -> bool:
+def _base_ready(bases: BaseRegistry, spec: str) -> bool:
     try:
-        from app.services.bases import base_ready
-
-        return bool(base_ready(spec))
+        return bool(bases.ready(spec))
     except Exception:
         log.exception("base model check failed")
         return False
@@ -57,12 +56,10 @@ def readyz(runtime: RuntimeDep) -> JSONResponse:
     """
     db_error = db.check(runtime.engine)
     checks = {"database": db_error is None, "broker": _broker_ready(runtime.queue),
-              "base_model": _base_ready(runtime.settings.base_model)}
+              "base_model": _base_ready(runtime.bases, runtime.settings.base_model)}
     reasons = {"database": db_error} if db_error else {}
     if not checks["base_model"]:
-        from app.services.bases import base_error
-
-        reasons["base_model"] = base_error(runtime.settings.base_model) or "not ready"
+        reasons["base_model"] = runtime.bases.error(runtime.settings.base_model) or "not ready"
     reasons.update({k: "not ready" for k, ok in checks.items() if not ok and k not in reasons})
     ok = all(checks.values())
     body = Readiness(status="ready" if ok else "not ready", checks=checks, reasons=reasons)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 from fastapi.responses import StreamingResponse
 
-from app.api.deps import PageDep, QueueDep, RuntimeDep, SessionDep, SettingsDep, TenantDep
+from app.api.deps import BasesDep, PageDep, QueueDep, RuntimeDep, SessionDep, SettingsDep, TenantDep
 from app.api.responses import QUOTA_RESPONSES, problem_responses
 from app.jobs.status import JobStatus
 from app.schemas import JobCreate, JobHistoryPublic, JobPublic, WebhookDeliveryPublic
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=problem_responses
 @router.post("", status_code=status.HTTP_202_ACCEPTED, responses=QUOTA_RESPONSES)
 def create_job(
     body: JobCreate, response: Response, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
-    queue: QueueDep,
+    queue: QueueDep, bases: BasesDep,
 ) -> JobPublic:
     """Start a training job.
 
@@ -30,7 +30,8 @@ def create_job(
     notified (see `/v1/webhook-secret`). 503 with `Retry-After` while the base model cannot be
     loaded (the error says which setting to change); no job is created then.
     """
-    job = svc.create_job(session=session, settings=settings, queue=queue, tenant=tenant, body=body)
+    job = svc.create_job(session=session, settings=settings, queue=queue, bases=bases, tenant=tenant,
+                         body=body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return svc.to_public(job)
 

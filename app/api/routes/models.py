@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from fastapi.responses import FileResponse
 
-from app.api.deps import PageDep, SessionDep, SettingsDep, StorageDep, TenantDep
+from app.api.deps import BasesDep, PageDep, ServingDep, SessionDep, SettingsDep, StorageDep, TenantDep
 from app.api.responses import QUOTA_RESPONSES, Problem, problem_responses
 from app.schemas import (
     ClassifyPublic,
@@ -28,14 +28,16 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=problem_respo
 
 @router.post("/zeroshot", status_code=status.HTTP_201_CREATED, responses=QUOTA_RESPONSES)
 def create_zeroshot(
-    body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep
+    body: ZeroshotCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
+    bases: BasesDep,
 ) -> ModelPublic:
     """Create a zero-shot model.
 
     A classifier of the base model from the class names alone (no training): each class's text
     embedding of `template` (with `{}` for the name).
     """
-    model = svc.create_zeroshot(session=session, storage=storage, settings=settings, tenant=tenant, body=body)
+    model = svc.create_zeroshot(session=session, storage=storage, settings=settings, bases=bases,
+                                tenant=tenant, body=body)
     return svc.to_public(model)
 
 
@@ -45,6 +47,7 @@ def import_model(
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
+    bases: BasesDep,
     delta: Annotated[UploadFile, File(description="A sparseshot delta file (.safetensors) for this base.")],
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> ModelPublic:
@@ -54,7 +57,7 @@ def import_model(
     server's base model (its weight fingerprint is checked) becomes a ready model of your tenant.
     """
     upload = Upload(delta.filename or "delta.safetensors", delta.file)
-    model = svc.import_model(session=session, storage=storage, settings=settings, tenant=tenant,
+    model = svc.import_model(session=session, storage=storage, settings=settings, bases=bases, tenant=tenant,
                              upload=upload, name=(name or "").strip() or None)
     return svc.to_public(model)
 
@@ -126,6 +129,7 @@ def export_model(
     tenant: TenantDep,
     storage: StorageDep,
     settings: SettingsDep,
+    bases: BasesDep,
     format: Annotated[ExportFormat, Query(
         description="`delta`: the sparse delta (as `/delta`); `checkpoint`: the merged open_clip "
                     "checkpoint (safetensors, model config and classes in its metadata); `onnx`: the "
@@ -140,7 +144,7 @@ def export_model(
     gives the service's probabilities. Checkpoint and ONNX files are built on the first request
     (under a second for the tiny base, about 10 s for ViT-B-16 on CPU), then served from storage.
     """
-    out = exports.export_file(session=session, storage=storage, settings=settings, tenant=tenant,
+    out = exports.export_file(session=session, storage=storage, settings=settings, bases=bases, tenant=tenant,
                               model_id=model_id, fmt=format)
     return FileResponse(out.path, media_type=out.media_type, filename=out.filename)
 
@@ -152,6 +156,7 @@ def classify(
     tenant: TenantDep,
     settings: SettingsDep,
     storage: StorageDep,
+    serving: ServingDep,
     files: Annotated[
         list[UploadFile], File(description="Images to classify.", json_schema_extra={"minItems": 1})
     ],
@@ -176,6 +181,7 @@ def classify(
         session=session,
         storage=storage,
         settings=settings,
+        serving=serving,
         tenant=tenant,
         model_id=model_id,
         files=[Upload(f.filename or "upload", f.file) for f in files],
@@ -187,7 +193,7 @@ def classify(
 @router.post("/{model_id}/evaluations", status_code=status.HTTP_201_CREATED)
 def create_evaluation(
     model_id: str, body: EvaluationCreate, session: SessionDep, tenant: TenantDep, settings: SettingsDep,
-    storage: StorageDep,
+    storage: StorageDep, serving: ServingDep,
 ) -> EvaluationPublic:
     """Evaluate a model on a labelled dataset.
 
@@ -199,8 +205,8 @@ def create_evaluation(
     that maximises its one-vs-rest F1 on this dataset). Images labelled with other names are left
     out and counted in `excluded_labels`; none left to evaluate is 422.
     """
-    row = evals.create_evaluation(session=session, storage=storage, settings=settings, tenant=tenant,
-                                  model_id=model_id, body=body)
+    row = evals.create_evaluation(session=session, storage=storage, settings=settings, serving=serving,
+                                  tenant=tenant, model_id=model_id, body=body)
     return evals.to_public(row)
 
 
