@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from sparseshot.delta import weights_fingerprint
+from sparseshot.fingerprint import weights_fingerprint
 
 TINY_NAME = "sparseshot-tiny"
 RANDOM = "random"
@@ -66,7 +66,7 @@ class BaseModel:
     preprocess_train: Callable[[Any], torch.Tensor]  # PIL image -> (3, S, S), augmenting
     preprocess_eval: Callable[[Any], torch.Tensor]  # PIL image -> (3, S, S), deterministic
     tokenizer: Callable[..., torch.Tensor]  # list[str] -> (N, context_length) int64
-    fingerprint: str  # sparseshot.delta.weights_fingerprint of the weights
+    fingerprint: str  # sparseshot.fingerprint.weights_fingerprint of the weights
     device: torch.device
     image_size: int
     # Hold while a delta is applied to the shared `model` (Classifier does so around its forward).
