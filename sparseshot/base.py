@@ -45,6 +45,7 @@ from torch import nn
 from torchvision import transforms
 
 from sparseshot.fingerprint import weights_fingerprint
+from sparseshot.sparse_grad import use_plain_attention
 
 TINY_NAME = "sparseshot-tiny"
 RANDOM = "random"
@@ -459,8 +460,6 @@ def _bad_pretrained(name: str, pretrained: str, tags: list[str]) -> BaseModelErr
 
 
 def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
-    from sparseshot.sparse_grad import use_plain_attention
-
     model = use_plain_attention(model)
     model.eval()
     for p in model.parameters():
@@ -478,7 +477,7 @@ def _default_device() -> torch.device:
 
 
 def load_base(
-    spec: str, device: str | torch.device | None = None, cache_dir: str | None = None
+    spec: str, device: str | torch.device | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> BaseModel:
     """Load (once per process and device) the base model named by `spec`; see the module doc."""
     dev = torch.device(device) if device is not None else _default_device()
@@ -493,7 +492,7 @@ def load_base(
             cached = _CACHE.get(key)
         if cached is not None:
             return cached
-        base = _load_uncached(spec, dev, cache_dir)
+        base = _load_uncached(spec, dev, os.fspath(cache_dir) if cache_dir is not None else None)
         with _CACHE_LOCK:
             _CACHE[key] = base
         return base
