@@ -81,6 +81,26 @@ def decode(data: bytes) -> DeltaContents:
 
 
 def _tensors_and_header(contents: DeltaContents) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's tensors (none sharing memory) and its metadata fields, digest included."""
+    tensors, index = _tensors_and_index(contents)
+    try:
+        meta_json = json.dumps(contents.meta, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise DeltaError(f"delta meta is not JSON-serialisable: {e}") from None
+    tensors = _unshare(tensors)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "index": json.dumps(index),
+        "extras": json.dumps(sorted(contents.extras)),
+        "meta": meta_json,
+    }
+    header["sha256"] = _canonical_digest(header, tensors)
+    return tensors, header
+
+
+def _tensors_and_index(contents: DeltaContents) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """name -> tensor of every entry, block and extra, and the index describing the entries in order."""
     tensors: dict[str, torch.Tensor] = {}
     index: list[dict[str, Any]] = []
     for i, e in enumerate(contents.entries):
@@ -99,20 +119,7 @@ def _tensors_and_header(contents: DeltaContents) -> tuple[dict[str, torch.Tensor
                       "scale": lr.scale, "param_numel": lr.param_numel})
     for name, t in contents.extras.items():
         tensors[f"extra.{name}"] = t.detach().cpu().contiguous()
-    try:
-        meta_json = json.dumps(contents.meta, sort_keys=True)
-    except (TypeError, ValueError) as e:
-        raise DeltaError(f"delta meta is not JSON-serialisable: {e}") from None
-    tensors = _unshare(tensors)
-    header = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
-        "index": json.dumps(index),
-        "extras": json.dumps(sorted(contents.extras)),
-        "meta": meta_json,
-    }
-    header["sha256"] = _canonical_digest(header, tensors)
-    return tensors, header
+    return tensors, index
 
 
 def _contents(fields: Mapping[str, str], tensors: Mapping[str, torch.Tensor]) -> DeltaContents:
