@@ -377,7 +377,8 @@ class SO(Optimizer):
 
 
 class _Union(NamedTuple):
-    """U = M ∪ S of a batch of tensors on L = KM + K slots sorted by (tensor, flat index).
+    """U = M ∪ S of a batch of tensors on L = KM + K slots (KM = Σ|M_i|, K = Σk_i), sorted by
+    (tensor, flat index).
 
     Every field is (L,). A pair of slots (i, i+1) with the same index comes from M (slot i) and S
     (slot i+1): slot i+1 carries the moments and slot i is `merged` (ignored).
