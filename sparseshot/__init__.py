@@ -6,9 +6,30 @@ The pure ML library. It never imports the web service, the queue or the database
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# What the lazy exports below resolve to, for type checkers. `adapt` is left to __getattr__ (Any):
+# app/services/inference.py unpacks a dict[str, str] of hyperparameters into it, which its typed
+# keyword parameters (seed, on_progress, ...) would reject.
+if TYPE_CHECKING:
+    from sparseshot.base import BaseModel as BaseModel
+    from sparseshot.base import BaseModelError as BaseModelError
+    from sparseshot.base import load_base as load_base
+    from sparseshot.classifier import Classifier as Classifier
+    from sparseshot.configs import config_for as config_for
+    from sparseshot.delta import DeltaError as DeltaError
+    from sparseshot.delta import SparseDelta as SparseDelta
+    from sparseshot.optim import SO as SO
+    from sparseshot.recipe import AdaptResult as AdaptResult
+    from sparseshot.recipe import Cancelled as Cancelled
+    from sparseshot.recipe import Progress as Progress
+    from sparseshot.recipe import adapt_budgets as adapt_budgets
+    from sparseshot.recipe import hparam_defaults as hparam_defaults
+    from sparseshot.recipe import validate_hparams as validate_hparams
+    from sparseshot.sparse_grad import enable_sparse_grads as enable_sparse_grads
+    from sparseshot.sparse_grad import use_plain_attention as use_plain_attention
 
 # Public name -> module that defines it. Resolved lazily so that `import sparseshot` stays cheap
 # for callers that only need one part (the service imports the API schemas without torch work).

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 from torchvision import transforms
 
-from sparseshot.delta import weights_fingerprint
+from sparseshot.fingerprint import weights_fingerprint
+from sparseshot.sparse_grad import use_plain_attention
 
 TINY_NAME = "sparseshot-tiny"
 RANDOM = "random"
@@ -66,7 +67,7 @@ class BaseModel:
     preprocess_train: Callable[[Any], torch.Tensor]  # PIL image -> (3, S, S), augmenting
     preprocess_eval: Callable[[Any], torch.Tensor]  # PIL image -> (3, S, S), deterministic
     tokenizer: Callable[..., torch.Tensor]  # list[str] -> (N, context_length) int64
-    fingerprint: str  # sparseshot.delta.weights_fingerprint of the weights
+    fingerprint: str  # sparseshot.fingerprint.weights_fingerprint of the weights
     device: torch.device
     image_size: int
     # Hold while a delta is applied to the shared `model` (Classifier does so around its forward).
@@ -459,8 +460,6 @@ def _bad_pretrained(name: str, pretrained: str, tags: list[str]) -> BaseModelErr
 
 
 def _prepare(model: nn.Module, device: torch.device) -> nn.Module:
-    from sparseshot.sparse_grad import use_plain_attention
-
     model = use_plain_attention(model)
     model.eval()
     for p in model.parameters():
@@ -478,7 +477,7 @@ def _default_device() -> torch.device:
 
 
 def load_base(
-    spec: str, device: str | torch.device | None = None, cache_dir: str | None = None
+    spec: str, device: str | torch.device | None = None, cache_dir: str | os.PathLike[str] | None = None
 ) -> BaseModel:
     """Load (once per process and device) the base model named by `spec`; see the module doc."""
     dev = torch.device(device) if device is not None else _default_device()
@@ -493,7 +492,7 @@ def load_base(
             cached = _CACHE.get(key)
         if cached is not None:
             return cached
-        base = _load_uncached(spec, dev, cache_dir)
+        base = _load_uncached(spec, dev, os.fspath(cache_dir) if cache_dir is not None else None)
         with _CACHE_LOCK:
             _CACHE[key] = base
         return base

@@ -27,6 +27,8 @@ from typing import IO, Any
 
 import httpx
 
+from sparseshot.io import atomic_write
+
 __all__ = [
     "ApiError", "Client", "Conflict", "InvalidInput", "Job", "JobFailed", "NotFound", "QuotaExceeded",
     "ServiceUnavailable", "TooLarge", "Unauthorized",
@@ -435,8 +437,6 @@ class Client:
     def _download(self, url: str, path: str | os.PathLike[str] | None, default_name: str,
                   **kw: Any) -> Path:
         """Stream GET `url` into `path` (a file, a folder, or None: ./default_name) atomically."""
-        from sparseshot.io import atomic_write
-
         target = Path(path) if path is not None else Path(default_name)
         if target.is_dir():
             target = target / default_name

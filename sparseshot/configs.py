@@ -15,13 +15,17 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from sparseshot.text_rules import DEFAULT_TEMPLATE, check_template  # torch-free: the API schemas import this
+
+if TYPE_CHECKING:  # types only: sparseshot.base needs torch
+    from sparseshot.base import BaseModel
 
 __all__ = [
     "CONFIGS",
     "METHODS",
+    "Config",
     "FieldDoc",
     "LoRAConfig",
     "SOConfig",
@@ -210,6 +214,9 @@ def _jsonable(v: Any) -> Any:
     return list(v) if isinstance(v, tuple) else v
 
 
+_C = TypeVar("_C", bound="_Config")
+
+
 @dataclass(frozen=True)
 class _Config:
     method: ClassVar[str]
@@ -219,8 +226,8 @@ class _Config:
         return dataclasses.fields(cls)
 
     @classmethod
-    def from_params(cls, params: Mapping[str, Any] | None = None,
-                    depths: Mapping[str, int] | None = None) -> Any:
+    def from_params(cls: type[_C], params: Mapping[str, Any] | None = None,
+                    depths: Mapping[str, int] | None = None) -> _C:
         """The config of the defaults overridden by `params`; ValueError naming the bad key."""
         params = dict(params or {})
         names = [f.name for f in cls.fields()]
@@ -263,9 +270,9 @@ class _Config:
             if bad:
                 raise ValueError(f"positions {bad} out of range for the {tower} tower ({n} blocks)")
 
-    def check_against(self, base: Any) -> None:
-        """check_depths with the depths of a loaded base model (sparseshot.BaseModel)."""
-        from sparseshot.lora import tower_depths
+    def check_against(self, base: BaseModel) -> None:
+        """check_depths with the depths of a loaded base model."""
+        from sparseshot.lora import tower_depths  # lazy: lora needs torch, this module stays torch-free
 
         self.check_depths(tower_depths(base.model))
 
@@ -332,17 +339,18 @@ class ZeroShotConfig(_Config):
     template: str = _hp(DEFAULT_TEMPLATE, Template(), _TEMPLATE_DOC)
 
 
-CONFIGS: dict[str, type[_Config]] = {"so": SOConfig, "lora": LoRAConfig, "zeroshot": ZeroShotConfig}
+Config = SOConfig | LoRAConfig | ZeroShotConfig  # the config of some method
+CONFIGS: dict[str, type[Config]] = {"so": SOConfig, "lora": LoRAConfig, "zeroshot": ZeroShotConfig}
 
 
-def _config_class(method: str) -> type[_Config]:
+def _config_class(method: str) -> type[Config]:
     if method not in CONFIGS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     return CONFIGS[method]
 
 
 def config_for(method: str, params: Mapping[str, Any] | None = None, *,
-               depths: Mapping[str, int] | None = None) -> Any:
+               depths: Mapping[str, int] | None = None) -> Config:
     """The typed config (SOConfig | LoRAConfig | ZeroShotConfig) of `method` with `params`."""
     return _config_class(method).from_params(params, depths)
 

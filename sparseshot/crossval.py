@@ -22,11 +22,14 @@ import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparseshot.metrics import Report, evaluate, report_json
 from sparseshot.recipe import Progress, adapt, planned_steps, validate_hparams
 from sparseshot.validation import FOLD_PRESET, kfold_splits
+
+if TYPE_CHECKING:  # base pulls in open_clip, which cross-validation never imports itself
+    from sparseshot.base import BaseModel
 
 __all__ = ["CrossValidation", "cross_validate", "planned", "shifted"]
 
@@ -93,7 +96,7 @@ class _Steps:
 
 
 def cross_validate(
-    base: Any,
+    base: BaseModel,
     images: Sequence[Any],
     labels: Sequence[int],
     classes: Sequence[str],

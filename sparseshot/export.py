@@ -42,9 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sparseshot.base import BaseModel
+from sparseshot import __version__
+from sparseshot.base import BaseModel, load_base
+from sparseshot.classifier import Classifier
 from sparseshot.delta import DeltaError, SparseDelta
 from sparseshot.io import atomic_write
+from sparseshot.serving import _class_embeddings as serving_embeddings
 
 __all__ = [
     "CHECKPOINT_FORMAT", "EXPORT_VERSION", "ONNX_FORMAT", "CheckpointInfo", "ExportError",
@@ -79,12 +82,6 @@ class CheckpointInfo:
 # What both exports share
 
 
-def _library_version() -> str:
-    from sparseshot import __version__
-
-    return __version__
-
-
 def _classes(delta: SparseDelta) -> list[str]:
     names = delta.meta.get("classes")
     if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
@@ -94,8 +91,6 @@ def _classes(delta: SparseDelta) -> list[str]:
 
 def _class_embeddings(base: BaseModel, delta: SparseDelta, classes: list[str]) -> Tensor:
     """(C, D) fp32 L2-normalised on CPU: the serving path's embeddings, so exports score as the service."""
-    from sparseshot.serving import _class_embeddings as serving_embeddings
-
     return serving_embeddings(base, delta, classes).cpu()
 
 
@@ -109,7 +104,7 @@ def _common_meta(base: BaseModel, delta: SparseDelta, classes: list[str]) -> dic
     return {
         "version": EXPORT_VERSION, "classes": classes, "template": delta.meta.get("template"),
         "method": delta.meta.get("method"), "base_model": delta.meta.get("base_model") or base.spec,
-        "base_fingerprint": base.fingerprint, "library_version": _library_version(),
+        "base_fingerprint": base.fingerprint, "library_version": __version__,
     }  # fmt: skip
 
 
@@ -187,11 +182,10 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> CheckpointInfo:
     return CheckpointInfo(classes=list(info["classes"]), class_embeddings=vectors, meta=info)
 
 
-def checkpoint_classifier(path: str | os.PathLike[str], device: str | torch.device | None = None) -> Any:
+def checkpoint_classifier(
+    path: str | os.PathLike[str], device: str | torch.device | None = None
+) -> Classifier:
     """A `sparseshot.Classifier` over a merged checkpoint alone (its weights, classes and embeddings)."""
-    from sparseshot.base import load_base
-    from sparseshot.classifier import Classifier
-
     info = read_checkpoint_info(path)
     base = load_base(os.fspath(path), device=device)
     return Classifier(base, classes=info.classes, class_embeddings=info.class_embeddings)
@@ -272,7 +266,7 @@ def onnx_export(base: BaseModel, delta: SparseDelta, path: str | os.PathLike[str
     for key, value in _props(base, delta, classes, scale).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
-    proto.producer_name, proto.producer_version = "sparseshot", _library_version()
+    proto.producer_name, proto.producer_version = "sparseshot", __version__
     return _write(proto.SerializeToString(), path)
 
 

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from sparseshot.sparse_grad import PlainAttention, use_plain_attention
+
 __all__ = ["LoRAAdapter", "add_lora", "lora_delta_parts", "remove_lora", "select_blocks", "tower_depths"]
 
 _HOOKS = ("lora_q", "lora_k", "lora_v")
@@ -105,8 +107,6 @@ def add_lora(
     The model's own weights are left untouched (and untrained); attention modules are converted to
     PlainAttention first if needed.
     """
-    from sparseshot.sparse_grad import PlainAttention, use_plain_attention
-
     use_plain_attention(model)
     params: list[nn.Parameter] = []
     for prefix, block in select_blocks(model, encoder, positions):

@@ -14,9 +14,10 @@ trainable tensor θ with n entries and k = max(1, floor(density·n)):
 
 Cost per step and tensor: O(k log k) time and O(k) memory (binary-search merge of M and S, and
 sorts over at most 2k slots), no dense temporary of θ's size, no host-device synchronisation, and
-supports are drawn without a permutation of all n entries. The tensors of a param group are
-processed together (one slot vector for the whole group), so the number of operations per step
-does not grow with the number of tensors except for one gather and one scatter of θ per tensor.
+supports are drawn without a permutation of all n entries (`sparseshot.supports`). The tensors of a
+param group are processed together (one slot vector for the whole group), so the number of
+operations per step does not grow with the number of tensors except for one gather and one scatter
+of θ per tensor.
 
 Gradients reach the optimizer in one of two ways:
 - ``so.grad_probe(p)``: a (k,) fp32 leaf tensor; a sparse-gradient backward (sparseshot.sparse_grad)
@@ -40,19 +41,21 @@ value and rounded once when written back.
 from __future__ import annotations
 
 import copy
-import functools
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
+
+from sparseshot.supports import draw_support, draw_supports
 
 __all__ = ["SO", "draw_support", "draw_supports"]
 
-# Below this many entries (or 32·k) a support is drawn from a full permutation: O(n) is then O(k).
-_SMALL_N = 4096
+# Sizes of a batch of tensors: (n_i, |M_i|, k_i) each (what a _Layout depends on).
+_Sizes = tuple[tuple[int, int, int], ...]
 
 
 def _norm_device(device: torch.device) -> torch.device:
@@ -67,97 +70,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise ValueError("SO needs contiguous parameters (flat indices address row-major entries)")
     return t.view(-1)
-
-
-def draw_support(n: int, k: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """k distinct indices in [0, n), uniform over k-subsets, sorted ascending: (k,) int64 on device."""
-    return draw_supports([n], [k], generator, device)[0]
-
-
-def draw_supports(
-    ns: list[int], ks: list[int], generator: torch.Generator, device: torch.device
-) -> list[torch.Tensor]:
-    """One support per tensor: ks[i] distinct indices in [0, ns[i]), uniform over k-subsets, sorted.
-
-    Small n (≤ max(32·k, 4096)): the first k entries of a random permutation of n, O(k + 4096).
-
-    Larger n, all such tensors at once: sequential sampling with rejection, vectorised. For each
-    tensor draw k' = 2k+64 integers r uniform in [0, 2^62); r is valid when r < ⌊2^62/n⌋·n (so
-    r mod n is exactly uniform in [0, n); the others, a fraction < n/2^62, are skipped like repeats).
-    Keep the first k distinct values in draw order: each kept value is uniform over the values not
-    kept before it, so the kept set is uniform over k-subsets (and stays so conditioned on success,
-    by symmetry under relabelling [0, n)). Fewer than k distinct values needs more than k+64
-    collisions, each draw colliding with probability < k'/n; a Chernoff bound puts that below 1e-85
-    for every k at these n. In that event a still-valid (distinct, sorted) but not exactly uniform
-    set is used instead, chosen by torch.where, so no host-device synchronisation is needed.
-    Cost: three sorts over Σk' values; no tensor of size n.
-    """
-    out: list[torch.Tensor | None] = [None] * len(ns)
-    big: list[int] = []
-    for i, (n, k) in enumerate(zip(ns, ks, strict=True)):
-        if k == 0:
-            out[i] = torch.empty(0, dtype=torch.long, device=device)
-        elif n <= max(32 * k, _SMALL_N):
-            out[i] = torch.randperm(n, generator=generator, device=device)[:k].sort().values
-        else:
-            big.append(i)
-    if big:
-        chosen = _draw_large([ns[i] for i in big], [ks[i] for i in big], generator, device)
-        for i, c in zip(big, torch.split(chosen, [ks[i] for i in big]), strict=True):
-            out[i] = c
-    return [o for o in out if o is not None]
-
-
-def _draw_large(
-    ns: list[int], ks: list[int], generator: torch.Generator, device: torch.device
-) -> torch.Tensor:
-    """The rejection sampler of draw_supports for tensors with n > 32·k: (Σk,) concatenated supports."""
-    lay = _draw_layout(tuple(ns), tuple(ks), str(device))
-    d = lay["n"].numel()  # Σk' draws
-    r = torch.randint(0, 2**62, (d,), generator=generator, device=device)
-    valid = r < lay["limit"]
-    # Key (tensor, value): Σ_{j<i} n_j + r mod n_i; invalid draws get distinct keys past every tensor.
-    key = torch.where(valid, lay["base"] + r % lay["n"], lay["total"] + lay["arange"])
-    sk, draw_pos = torch.sort(key, stable=True)  # equal keys keep draw order
-    first = torch.ones(d, dtype=torch.bool, device=device)
-    first[1:] = sk[1:] != sk[:-1]
-    first &= sk < lay["total"]  # first valid occurrence of each value of each tensor
-    # Per tensor, first occurrences in draw order, then the rest: tensor i fills [start_i, end_i).
-    pkey = torch.where(first, 2 * draw_pos, 2 * lay["end"].index_select(0, draw_pos) - 1)
-    pk, by_pos = torch.sort(pkey)
-    chosen = sk.index_select(0, by_pos.index_select(0, lay["take"])).sort().values  # (K,) keys
-    ok = pk.index_select(0, lay["last"]) % 2 == 0  # (K,) the k-th kept draw is a first occurrence
-    # Never-taken fallback: sorted draws in [0, n-k] plus 0..k-1 are distinct and in [0, n).
-    fb = lay["base_k"] + r.index_select(0, lay["take"]) % (lay["n_k"] - lay["k_k"] + 1)
-    fallback = fb.sort().values + lay["rank_k"]
-    return torch.where(ok, chosen, fallback) - lay["base_k"]
-
-
-@functools.lru_cache(maxsize=16)
-def _draw_layout(ns: tuple[int, ...], ks: tuple[int, ...], device: str) -> dict[str, torch.Tensor]:
-    """Per-draw and per-kept-entry vectors of _draw_large; they depend on the sizes only."""
-    per_draw: dict[str, list[int]] = {"n": [], "limit": [], "base": [], "end": []}
-    per_k: dict[str, list[int]] = {"take": [], "last": [], "base_k": [], "n_k": [], "k_k": [], "rank_k": []}
-    base = start = 0
-    for n, k in zip(ns, ks, strict=True):
-        kk = 2 * k + 64
-        per_draw["n"] += [n] * kk
-        per_draw["limit"] += [(2**62 // n) * n] * kk
-        per_draw["base"] += [base] * kk
-        per_draw["end"] += [start + kk] * kk
-        per_k["take"] += range(start, start + k)
-        per_k["last"] += [start + k - 1] * k
-        per_k["base_k"] += [base] * k
-        per_k["n_k"] += [n] * k
-        per_k["k_k"] += [k] * k
-        per_k["rank_k"] += range(k)
-        base += n
-        start += kk
-    lists = {**per_draw, **per_k}
-    lay = {name: torch.tensor(v, dtype=torch.long, device=device) for name, v in lists.items()}
-    lay["arange"] = torch.arange(start, device=device)
-    lay["total"] = torch.tensor(base, dtype=torch.long, device=device)
-    return lay
 
 
 class SO(Optimizer):
@@ -177,7 +89,7 @@ class SO(Optimizer):
 
     def __init__(
         self,
-        params: Iterable[Any],
+        params: ParamsT,
         lr: float = 2e-4,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -192,7 +104,7 @@ class SO(Optimizer):
         self._gens: dict[str, torch.Generator] = {}
         self._base_seed: int | None = None
         self._probes: dict[int, torch.Tensor] = {}  # id(param) -> (k,) fp32 leaf
-        self._layouts: dict[tuple[str, Any], _Layout] = {}
+        self._layouts: dict[tuple[str, _Sizes], _Layout] = {}
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -260,7 +172,7 @@ class SO(Optimizer):
                 probe.grad.detach_().zero_()
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # the closure's loss, as returned
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -287,11 +199,19 @@ class SO(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         sd = dict(state_dict)
         rng = sd.pop("so_rng", None)
-        saved_state = sd["state"]
-        saved_groups = sd["param_groups"]
         # Groups (hyperparameters) through Optimizer; the state by hand, because Optimizer would
         # cast every tensor (index tensors and fp32 moments included) to the parameter's dtype.
-        super().load_state_dict({"state": {}, "param_groups": saved_groups})
+        super().load_state_dict({"state": {}, "param_groups": sd["param_groups"]})
+        self._load_param_states(sd["state"], sd["param_groups"])
+        if rng is not None:
+            self._load_rng(rng)
+        for group in self.param_groups:
+            if not group["dense"]:
+                for p in group["params"]:
+                    self._new_probe(p)
+
+    def _load_param_states(self, saved_state: dict[Any, Any], saved_groups: list[dict[str, Any]]) -> None:
+        """Per-parameter state copied onto each parameter's device, dtypes kept."""
         id_map = {
             old: p
             for old_g, g in zip(saved_groups, self.param_groups, strict=True)
@@ -304,19 +224,17 @@ class SO(Optimizer):
                     key: v.detach().clone().to(p.device) if torch.is_tensor(v) else copy.deepcopy(v)
                     for key, v in value.items()
                 }
-        if rng is not None:
-            self._base_seed = rng["base_seed"]
-            for dev, gstate in rng["states"].items():
-                user = self._user_gen
-                if user is not None and str(_norm_device(user.device)) == dev:
-                    gen = user
-                else:
-                    gen = self._gens.setdefault(dev, torch.Generator(device=torch.device(dev)))
-                gen.set_state(gstate.clone().cpu())
-        for group in self.param_groups:
-            if not group["dense"]:
-                for p in group["params"]:
-                    self._new_probe(p)
+
+    def _load_rng(self, rng: dict[str, Any]) -> None:
+        """The support generators' base seed and states, as `state_dict` saved them ("so_rng")."""
+        self._base_seed = rng["base_seed"]
+        for dev, gstate in rng["states"].items():
+            user = self._user_gen
+            if user is not None and str(_norm_device(user.device)) == dev:
+                gen = user
+            else:
+                gen = self._gens.setdefault(dev, torch.Generator(device=torch.device(dev)))
+            gen.set_state(gstate.clone().cpu())
 
     # ----------------------------------------------------------------- internals
 
@@ -404,71 +322,19 @@ class SO(Optimizer):
     def _sparse_batch_step(
         self, group: dict[str, Any], t: int, params: list[torch.Tensor], grads: list[torch.Tensor]
     ) -> None:
+        """One step of tensors sharing device and step count t: U, Adam on U, then M := top-|m| of U."""
         states = [self.state[p] for p in params]
         for st in states:
             st["step"] = t
         flats = [_flat(p) for p in params]  # (n_i,) views
         lay = self._layout(params, states)
-        beta1, beta2 = group["betas"]
-        wd = group["weight_decay"]
-
-        # U = M ∪ S of every tensor on L = KM + K slots (KM = Σ|M_i|, K = Σk_i), sorted by the key
-        # (tensor, flat index): key = Σ_{j<i} n_j + index, so tensors never mix. The stable sort puts
-        # the M copy of an index shared by M and S right before its S copy.
-        m_key = torch.cat([st["m_idx"] for st in states]) + lay.m_offset  # (KM,)
-        s_key = torch.cat([st["support"] for st in states]) + lay.s_offset  # (K,)
-        key, order = torch.sort(torch.cat([m_key, s_key]), stable=True)  # order: into [M..., S...]
-        local = key - lay.offset  # flat index within its tensor
-        zeros_k = lay.zeros_k
-        m = torch.cat([*(st["m"] for st in states), zeros_k]).index_select(0, order)
-        v = torch.cat([*(st["v"] for st in states), zeros_k]).index_select(0, order)
-        g_u = torch.cat([lay.zeros_km, *grads]).index_select(0, order)
-        # A pair (i, i+1) with the same key: slot i from M, slot i+1 from S. Slot i+1 takes the
-        # moments; slot i is flagged `merged` and ignored.
-        dup = key[1:] == key[:-1]
-        no = lay.no
-        merged = torch.cat([dup, no])
-        takes = torch.cat([no, dup])
-        m = torch.where(takes, m.roll(1), m)
-        v = torch.where(takes, v.roll(1), v)
-
-        local_parts = torch.split(local, lay.slots)  # per tensor, (L_i,) ascending
-        theta = torch.cat([f.index_select(0, i) for f, i in zip(flats, local_parts, strict=True)])
-        theta = theta.float()  # (L,) θ_U
-        if wd != 0:
-            g_u = torch.where(order >= lay.km, g_u + wd * theta, g_u)  # coupled L2 on S
-
-        m.mul_(beta1).add_(g_u, alpha=1 - beta1)
-        v.mul_(beta2).addcmul_(g_u, g_u, value=1 - beta2)
-        bc1 = 1 - beta1**t
-        bc2 = 1 - beta2**t
-        denom = _sqrt_(v / bc2).add_(group["eps"])
-        new = theta.addcdiv_(m, denom, value=-group["lr"] / bc1)  # (L,) fp32
-        # Both slots of a merged pair get slot i+1's value: the indexed write below is then well
-        # defined although the index occurs twice.
-        new = torch.where(merged, new.roll(-1), new)
-        for p, f, i, x in zip(params, flats, local_parts, torch.split(new, lay.slots), strict=True):
-            _write_(f, i, x.to(p.dtype))  # fp16/bf16: rounded once here
-
-        # M_i <- top-k_i of U_i by |m|. One stable sort on (tensor, |m| descending): the bit pattern
-        # of a non-negative fp32 orders like its value; merged duplicates sort after every real
-        # entry and are never selected; ties keep slot order, i.e. the lower index first.
-        bits = m.abs().view(torch.int32).long()  # (L,) in [0, 2^31)
-        rank_key = lay.seg_base + torch.where(merged, lay.last_rank, 2**31 - 1 - bits)
-        ranked = torch.sort(rank_key, stable=True).indices
-        keep = ranked.index_select(0, lay.take).sort().values  # (K,) slots, ascending per tensor
-        for st, mi, mm, vv in zip(
-            states,
-            torch.split(local.index_select(0, keep), lay.ks),
-            torch.split(m.index_select(0, keep), lay.ks),
-            torch.split(v.index_select(0, keep), lay.ks),
-            strict=True,
-        ):
-            st["m_idx"], st["m"], st["v"] = mi, mm, vv
+        u = _union(states, grads, lay)
+        _adam_on_union(group, t, params, flats, lay, u)
+        _keep_top_moments(states, lay, u)
 
     def _layout(self, params: list[torch.Tensor], states: list[dict[str, Any]]) -> _Layout:
         """Index vectors that depend only on the tensors' sizes (cached; rebuilt when they change)."""
-        sizes = tuple((p.numel(), st["m_idx"].numel(), st["support"].numel()) for p, st in zip(
+        sizes: _Sizes = tuple((p.numel(), st["m_idx"].numel(), st["support"].numel()) for p, st in zip(
             params, states, strict=True))
         device = params[0].device
         cache_key = (str(device), sizes)
@@ -510,6 +376,90 @@ class SO(Optimizer):
             p.copy_(p32.addcdiv_(exp_avg, denom, value=-group["lr"] / bc1))
 
 
+class _Union(NamedTuple):
+    """U = M ∪ S of a batch of tensors on L = KM + K slots (KM = Σ|M_i|, K = Σk_i), sorted by
+    (tensor, flat index).
+
+    Every field is (L,). A pair of slots (i, i+1) with the same index comes from M (slot i) and S
+    (slot i+1): slot i+1 carries the moments and slot i is `merged` (ignored).
+    """
+
+    local: torch.Tensor  # int64 flat index within its tensor
+    order: torch.Tensor  # int64 position of each slot in the concatenation [M..., S...]
+    m: torch.Tensor  # fp32 first moments (0 for entries new to U)
+    v: torch.Tensor  # fp32 second moments (0 for entries new to U)
+    g: torch.Tensor  # fp32 gradient (0 off S)
+    merged: torch.Tensor  # bool
+
+
+def _union(states: list[dict[str, Any]], grads: list[torch.Tensor], lay: _Layout) -> _Union:
+    """U of every tensor of the batch, with moments and gradients aligned to its slots."""
+    # Sort key (tensor, flat index): key = Σ_{j<i} n_j + index, so tensors never mix. The stable sort
+    # puts the M copy of an index shared by M and S right before its S copy.
+    m_key = torch.cat([st["m_idx"] for st in states]) + lay.m_offset  # (KM,)
+    s_key = torch.cat([st["support"] for st in states]) + lay.s_offset  # (K,)
+    key, order = torch.sort(torch.cat([m_key, s_key]), stable=True)  # order: into [M..., S...]
+    local = key - lay.offset
+    zeros_k = lay.zeros_k
+    m = torch.cat([*(st["m"] for st in states), zeros_k]).index_select(0, order)
+    v = torch.cat([*(st["v"] for st in states), zeros_k]).index_select(0, order)
+    g = torch.cat([lay.zeros_km, *grads]).index_select(0, order)
+    # Of a pair with the same key, slot i+1 takes the moments; slot i is flagged `merged`.
+    dup = key[1:] == key[:-1]
+    no = lay.no
+    merged = torch.cat([dup, no])
+    takes = torch.cat([no, dup])
+    m = torch.where(takes, m.roll(1), m)
+    v = torch.where(takes, v.roll(1), v)
+    return _Union(local, order, m, v, g, merged)
+
+
+def _adam_on_union(
+    group: dict[str, Any], t: int, params: list[torch.Tensor], flats: list[torch.Tensor], lay: _Layout,
+    u: _Union,
+) -> None:
+    """Bias-corrected Adam on U: updates u.m and u.v in place and writes θ_U into the parameters."""
+    beta1, beta2 = group["betas"]
+    wd = group["weight_decay"]
+    local_parts = torch.split(u.local, lay.slots)  # per tensor, (L_i,) ascending
+    theta = torch.cat([f.index_select(0, i) for f, i in zip(flats, local_parts, strict=True)])
+    theta = theta.float()  # (L,) θ_U
+    g = u.g
+    if wd != 0:
+        g = torch.where(u.order >= lay.km, g + wd * theta, g)  # coupled L2 on S
+    m, v = u.m, u.v
+    m.mul_(beta1).add_(g, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bc1 = 1 - beta1**t
+    bc2 = 1 - beta2**t
+    denom = _sqrt_(v / bc2).add_(group["eps"])
+    new = theta.addcdiv_(m, denom, value=-group["lr"] / bc1)  # (L,) fp32
+    # Both slots of a merged pair get slot i+1's value: the indexed write below is then well
+    # defined although the index occurs twice.
+    new = torch.where(u.merged, new.roll(-1), new)
+    for p, f, i, x in zip(params, flats, local_parts, torch.split(new, lay.slots), strict=True):
+        _index_assign_(f, i, x.to(p.dtype))  # fp16/bf16: rounded once here
+
+
+def _keep_top_moments(states: list[dict[str, Any]], lay: _Layout, u: _Union) -> None:
+    """M_i := the k_i entries of U_i with the largest |m| (ties: lower index), moments kept on M_i."""
+    # One stable sort on (tensor, |m| descending): the bit pattern of a non-negative fp32 orders like
+    # its value; merged duplicates sort after every real entry and are never selected; ties keep
+    # slot order, i.e. the lower index first.
+    bits = u.m.abs().view(torch.int32).long()  # (L,) in [0, 2^31)
+    rank_key = lay.seg_base + torch.where(u.merged, lay.last_rank, 2**31 - 1 - bits)
+    ranked = torch.sort(rank_key, stable=True).indices
+    keep = ranked.index_select(0, lay.take).sort().values  # (K,) slots, ascending per tensor
+    for st, mi, mm, vv in zip(
+        states,
+        torch.split(u.local.index_select(0, keep), lay.ks),
+        torch.split(u.m.index_select(0, keep), lay.ks),
+        torch.split(u.v.index_select(0, keep), lay.ks),
+        strict=True,
+    ):
+        st["m_idx"], st["m"], st["v"] = mi, mm, vv
+
+
 def _sqrt_(x: torch.Tensor) -> torch.Tensor:
     """In-place sqrt (correctly rounded either way).
 
@@ -523,7 +473,7 @@ def _sqrt_(x: torch.Tensor) -> torch.Tensor:
     return x.sqrt_()
 
 
-def _write_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
+def _index_assign_(dst: torch.Tensor, idx: torch.Tensor, src: torch.Tensor) -> None:
     """dst[idx] = src for 1-D tensors (a repeated index always carries the same value).
 
     index_copy_ is serial on CPU for small sizes; on CUDA index_put_ has a deterministic mode."""
@@ -542,7 +492,7 @@ class _Layout:
     take (K,): the first k_i slots of each tensor's range; slots = [L_i], ks = [k_i].
     """
 
-    def __init__(self, sizes: tuple[tuple[int, int, int], ...], device: torch.device) -> None:
+    def __init__(self, sizes: _Sizes, device: torch.device) -> None:
         self.slots = [km + k for _, km, k in sizes]
         self.ks = [k for _, _, k in sizes]
         self.km = sum(km for _, km, _ in sizes)
@@ -570,7 +520,7 @@ class _Layout:
 
 
 def _check_hparams(
-    lr: float, betas: Any, eps: float, weight_decay: float, density: float, refresh_every: Any
+    lr: float, betas: Sequence[float], eps: float, weight_decay: float, density: float, refresh_every: object
 ) -> None:
     if not lr >= 0.0:
         raise ValueError(f"invalid learning rate: {lr}")

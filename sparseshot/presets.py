@@ -1,7 +1,7 @@
 """Named training presets and the measured step times behind a job's time estimate.
 
 A preset is a plain dict of recipe hyperparameters per method, checked through
-`sparseshot.recipe.validate_hparams` like any job's `params` (which override a preset's values):
+`sparseshot.configs.validate_hparams` like any job's `params` (which override a preset's values):
 
 - ``standard``: the paper's recipe, i.e. the recipe defaults (`sparseshot.hparam_defaults`);
 - ``quick``: a tenth of the steps with a 5x larger learning rate, for a first model in minutes;
@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from typing import Any
+
+from sparseshot.configs import validate_hparams
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "STEP_SECONDS", "estimate_seconds", "preset_params", "step_seconds"]
 
@@ -48,8 +50,6 @@ def preset_params(preset: str, method: str, params: Mapping[str, Any] | None = N
 
     Raises ValueError on an unknown preset or method and on bad hyperparameters.
     """
-    from sparseshot.recipe import validate_hparams
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
     by_method = PRESETS[preset]

@@ -13,7 +13,7 @@ service's request schemas use).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -48,7 +48,9 @@ def format_prompts(classes: Sequence[str], template: str) -> list[str]:
 
 
 def text_features(model: Any, tokens: Tensor) -> Tensor:
-    """tokens (C, ctx) -> (C, D) L2-normalised text features, fp32 (gradients as the caller's mode)."""
+    """tokens (C, ctx) -> (C, D) L2-normalised text features, fp32 (gradients as the caller's mode).
+
+    model: an open_clip CLIP (Any: open_clip has no types, and nn.Module hides encode_text)."""
     return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
@@ -61,7 +63,7 @@ def embed_tokens(model: Any, tokens: Tensor, batch_size: int = 256) -> Tensor:
 
 def class_text_embeddings(
     model: nn.Module,
-    tokenizer: Any,
+    tokenizer: Callable[..., Tensor],  # list[str] -> (N, context_length) int64, as BaseModel.tokenizer
     classes: Sequence[str],
     template: str = DEFAULT_TEMPLATE,
     device: torch.device | str | None = None,

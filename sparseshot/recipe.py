@@ -25,10 +25,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sparseshot.checkpoint import CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_STEPS
 from sparseshot.configs import METHODS, config_for, hparam_defaults, validate_hparams
+from sparseshot.delta import CLASS_EMBEDDINGS, SparseDelta
 from sparseshot.prompts import DEFAULT_TEMPLATE, check_class_name, class_text_embeddings
 from sparseshot.train import (
     FINAL_LR,
@@ -42,6 +43,9 @@ from sparseshot.train import (
     result_meta,
     trainable_weights,
 )
+
+if TYPE_CHECKING:  # base pulls in open_clip, which adapting never imports itself
+    from sparseshot.base import BaseModel
 
 __all__ = [
     "CHECKPOINT_EVERY_S",
@@ -79,8 +83,8 @@ def _check_inputs(images: Sequence[Any], labels: Sequence[int], classes: Sequenc
         raise ValueError(f"method {method!r} needs at least one training image")
 
 
-def _checked(base: Any, images: Sequence[Any], labels: Sequence[int], classes: Sequence[str], method: str,
-             seed: int, hparams: dict[str, Any]) -> dict[str, Any]:
+def _checked(base: BaseModel, images: Sequence[Any], labels: Sequence[int], classes: Sequence[str],
+             method: str, seed: int, hparams: dict[str, Any]) -> dict[str, Any]:
     """The validated hyperparameters (seed included for the training methods), inputs checked."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
@@ -93,7 +97,7 @@ def _checked(base: Any, images: Sequence[Any], labels: Sequence[int], classes: S
 
 
 def adapt(
-    base: Any,
+    base: BaseModel,
     images: Sequence[Any],
     labels: Sequence[int],
     classes: Sequence[str],
@@ -128,7 +132,7 @@ def adapt(
 
 
 def adapt_budgets(
-    base: Any,
+    base: BaseModel,
     images: Sequence[Any],
     labels: Sequence[int],
     classes: Sequence[str],
@@ -150,9 +154,7 @@ def adapt_budgets(
     return run.execute_budgets([hp["delta_budget"] for hp in hps])
 
 
-def _zeroshot(base: Any, classes: Sequence[str], hp: dict[str, Any]) -> AdaptResult:
-    from sparseshot.delta import CLASS_EMBEDDINGS, SparseDelta
-
+def _zeroshot(base: BaseModel, classes: Sequence[str], hp: dict[str, Any]) -> AdaptResult:
     t0 = time.perf_counter()
     with base.lock:
         emb = class_text_embeddings(base.model, base.tokenizer, classes, hp["template"], base.device).cpu()

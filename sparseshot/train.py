@@ -22,20 +22,30 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from sparseshot import __version__
 from sparseshot.checkpoint import CHECKPOINT_EVERY_S, CHECKPOINT_EVERY_STEPS, CheckpointFile, run_key
+from sparseshot.delta import CLASS_EMBEDDINGS, SparseDelta
+from sparseshot.lora import add_lora, lora_delta_parts, select_blocks
 from sparseshot.metrics import evaluate, report_json
+from sparseshot.optim import SO
 from sparseshot.prompts import DEFAULT_TEMPLATE, embed_tokens, format_prompts, text_features
+from sparseshot.sparse_grad import SparseGradHandle, enable_sparse_grads
+
+if TYPE_CHECKING:  # base pulls in open_clip, which training itself never needs
+    from sparseshot.base import BaseModel
 
 __all__ = ["SO_WEIGHTS", "AdaptResult", "Cancelled", "Progress", "Run", "planned_steps", "result_meta",
            "trainable_weights"]
@@ -67,7 +77,7 @@ class Progress:
 
 @dataclass
 class AdaptResult:
-    delta: Any  # sparseshot.delta.SparseDelta
+    delta: SparseDelta
     class_embeddings: Tensor  # (C, D) fp32, L2-normalised, on CPU
     metrics: dict[str, Any]  # steps, total_steps, final_loss, train_accuracy, train_seconds, ...
     method: str
@@ -77,11 +87,9 @@ class AdaptResult:
 
 
 def trainable_weights(
-    model: nn.Module, encoder: str = "both", positions: Any = "all"
+    model: nn.Module, encoder: str = "both", positions: str | Sequence[int] = "all"
 ) -> dict[str, nn.Parameter]:
     """name -> parameter of the SO recipe's weights in the selected blocks (see SO_WEIGHTS)."""
-    from sparseshot.lora import select_blocks
-
     params = dict(model.named_parameters())
     out: dict[str, nn.Parameter] = {}
     for prefix, _ in select_blocks(model, encoder, positions):
@@ -100,12 +108,10 @@ def planned_steps(hparams: Mapping[str, Any], n_images: int, n_classes: int) -> 
     return shots, int(hparams["n_iters"]) * shots, min(int(hparams["batch_size"]), max(1, n_images))
 
 
-def result_meta(base: Any, classes: Sequence[str], method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+def result_meta(
+    base: BaseModel, classes: Sequence[str], method: str, hparams: Mapping[str, Any]
+) -> dict[str, Any]:
     """delta.meta of a result: base model and fingerprint, classes, template, method, hparams, ..."""
-    import json
-
-    import sparseshot
-
     return {
         "base_model": base.spec,
         "base_fingerprint": base.fingerprint,
@@ -113,7 +119,7 @@ def result_meta(base: Any, classes: Sequence[str], method: str, hparams: Mapping
         "template": hparams.get("template", DEFAULT_TEMPLATE),
         "method": method,
         "hparams": json.loads(json.dumps(dict(hparams))),
-        "library_version": sparseshot.__version__,
+        "library_version": __version__,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
@@ -121,8 +127,8 @@ def result_meta(base: Any, classes: Sequence[str], method: str, hparams: Mapping
 class Run:
     """One SO or LoRA training run (state, loop, budget, checkpointing)."""
 
-    model: Any  # the trainable copy of base.model (an open_clip CLIP)
-    handle: Any  # SparseGradHandle while an SO optimizer drives sparse gradients, else None
+    model: Any  # the trainable copy of base.model (an open_clip CLIP; open_clip is untyped)
+    handle: SparseGradHandle | None  # while an SO optimizer drives sparse gradients
     opt: torch.optim.Optimizer
     step: int
     elapsed: float  # training seconds so far (across resumes)
@@ -136,9 +142,10 @@ class Run:
     refine_end: int  # step at which the refine phase ends
     kept: dict[str, Tensor]  # refine phase: name -> kept flat indices (ascending)
 
-    def __init__(self, base: Any, images: list[Any], labels: list[int], classes: list[str], method: str,
+    def __init__(self, base: BaseModel, images: list[Any], labels: list[int], classes: list[str], method: str,
                  hp: dict[str, Any], on_progress: Callable[[Progress], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None, checkpoint: Any = None,
+                 should_stop: Callable[[], bool] | None = None,
+                 checkpoint: str | os.PathLike[str] | None = None,
                  val: tuple[list[Any], list[int]] | None = None) -> None:
         self.base, self.images, self.labels, self.classes = base, images, labels, classes
         # Held-out images (never trained on) and their labels; accuracy reported as val_accuracy.
@@ -182,9 +189,6 @@ class Run:
             self.opt, T_max=max(1, steps), eta_min=min(FINAL_LR, peak))
 
     def _build_so(self) -> None:
-        from sparseshot.optim import SO
-        from sparseshot.sparse_grad import enable_sparse_grads
-
         hp = self.hp
         weights = trainable_weights(self.model, hp["encoder"], hp["positions"])
         for p in weights.values():
@@ -197,8 +201,6 @@ class Run:
         self.handle = enable_sparse_grads(self.model, self.opt)
 
     def _build_lora(self) -> None:
-        from sparseshot.lora import add_lora
-
         hp = self.hp
         params = add_lora(self.model, rank=hp["rank"], alpha=hp["alpha"], dropout=hp["dropout"],
                           encoder=hp["encoder"], positions=hp["positions"])
@@ -248,9 +250,6 @@ class Run:
 
     def _start_refine(self, kept: dict[str, Tensor], steps: int) -> None:
         """Refine phase: an SO optimizer pinned to the kept entries, a fresh cosine schedule."""
-        from sparseshot.optim import SO
-        from sparseshot.sparse_grad import enable_sparse_grads
-
         hp = self.hp
         self._drop_handle()
         params = []
@@ -482,8 +481,6 @@ class Run:
         return torch.cat(out)
 
     def _result(self) -> AdaptResult:
-        from sparseshot.delta import CLASS_EMBEDDINGS, SparseDelta
-
         meta = result_meta(self.base, self.classes, self.method, self.hp)
         emb = embed_tokens(self.model, self.tokens).cpu()  # adapted text encoder (C, D)
         if self.method == "so":
@@ -495,9 +492,9 @@ class Run:
         probs = self._probabilities(self.val_images).tolist() if self.val_images else None
         return AdaptResult(delta, emb, self._metrics(delta, probs), self.method, dict(self.hp), probs)
 
-    def _metrics(self, delta: Any, val_probs: list[list[float]] | None) -> dict[str, Any]:
+    def _metrics(self, delta: SparseDelta, val_probs: list[list[float]] | None) -> dict[str, Any]:
         last_loss = self.last_epoch[0] if self.last_epoch else None
-        metrics = {
+        metrics: dict[str, Any] = {
             "steps": self.step,
             "total_steps": self.total_steps,
             "shots": self.shots,
@@ -519,10 +516,7 @@ class Run:
                            refine_steps=self.step - self.main_end if self.phase == "refine" else 0)
         return metrics
 
-    def _lora_delta(self, meta: dict[str, Any]) -> Any:
-        from sparseshot.delta import SparseDelta
-        from sparseshot.lora import lora_delta_parts
-
+    def _lora_delta(self, meta: dict[str, Any]) -> SparseDelta:
         delta = SparseDelta.empty(meta)
         params = dict(self.model.named_parameters())
         for name, row_start, B, A, scale in lora_delta_parts(self.model):

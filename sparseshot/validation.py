@@ -27,6 +27,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from sparseshot.presets import PRESETS
+
 MIN_TRAIN = 2  # training images a class always keeps
 MAX_FRACTION = 0.5
 DEFAULT_FOLDS = 3  # folds when a held-out option falls back to k-fold (fewer with fewer shots)
@@ -175,8 +177,6 @@ def kfold_splits(labels: Sequence[int], k: int, seed: int = 0) -> list[Split]:
 def fold_hparams(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
     """Hyperparameters of a fold's training: the job's, with the FOLD_PRESET's values on top
     (its schedule: n_iters and lr), n_iters never above the job's own."""
-    from sparseshot.presets import PRESETS
-
     quick = PRESETS[FOLD_PRESET].get(method, {})
     hp = {**dict(params), **quick}
     if "n_iters" in params and "n_iters" in quick:

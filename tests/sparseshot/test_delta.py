@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparseshot import delta as delta_mod
+from sparseshot import delta_entries
 from sparseshot.base import load_base
 from sparseshot.delta import DeltaError, SparseDelta, weights_fingerprint
 
@@ -100,7 +101,7 @@ def test_names_keep_unchanged_tensors_in_density(base: nn.Module) -> None:
 
 
 def test_int64_indices_beyond_int32_range(base: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(delta_mod, "_INT32_LIMIT", 1000)  # pretend tensors of >= 1000 entries are huge
+    monkeypatch.setattr(delta_entries, "_INT32_LIMIT", 1000)  # pretend tensors of >= 1000 entries are huge
     delta = SparseDelta.from_models(base, _adapt(base))
     restored = SparseDelta.from_bytes(delta.to_bytes())
     dtypes = {e.name: e.indices.dtype for e in restored.entries if e.indices is not None}
