@@ -10,9 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-# What the lazy exports below resolve to, for type checkers. `adapt` is left to __getattr__ (Any):
-# app/services/inference.py unpacks a dict[str, str] of hyperparameters into it, which its typed
-# keyword parameters (seed, on_progress, ...) would reject.
+# What the lazy exports below resolve to, for type checkers.
 if TYPE_CHECKING:
     from sparseshot.base import BaseModel as BaseModel
     from sparseshot.base import BaseModelError as BaseModelError
@@ -25,6 +23,7 @@ if TYPE_CHECKING:
     from sparseshot.recipe import AdaptResult as AdaptResult
     from sparseshot.recipe import Cancelled as Cancelled
     from sparseshot.recipe import Progress as Progress
+    from sparseshot.recipe import adapt as adapt
     from sparseshot.recipe import adapt_budgets as adapt_budgets
     from sparseshot.recipe import hparam_defaults as hparam_defaults
     from sparseshot.recipe import validate_hparams as validate_hparams

@@ -121,7 +121,9 @@ def entry_between(
         # goes on after the delta was taken (the budget branches) would change the stored values.
         values = src.detach().to("cpu", value_dtype, copy=True)
         return DeltaEntry(name, shape, base.dtype, "dense", mode, values, None, k)
-    vals = a_flat[idx] if mode == "assign" else a_flat[idx].float() - b_flat[idx].float()  # (k,)
+    # index_select, not a_flat[idx]: the same values, ~400x faster on CPU for large matrices.
+    a_k = a_flat.index_select(0, idx)  # (k,)
+    vals = a_k if mode == "assign" else a_k.float() - b_flat.index_select(0, idx).float()  # (k,)
     return DeltaEntry(name, shape, base.dtype, "sparse", mode, vals.to(value_dtype).cpu().contiguous(),
                       idx.to(idx_dtype).cpu(), k)
 

@@ -157,5 +157,5 @@ def zeroshot_delta(*, bases: BaseRegistry, classes: list[str], base_model: str |
     import sparseshot
 
     base = bases.get(base_model)
-    hparams = {"template": template} if template else {}
+    hparams: dict[str, Any] = {"template": template} if template else {}
     return sparseshot.adapt(base, [], [], list(classes), method="zeroshot", **hparams).delta
