@@ -17,8 +17,14 @@ on a free loopback port and sends multipart requests from C threads with httpx c
 
     python -m benchmarks.serving --model ViT-B-32 --threads 2 --json serving.json
 
+The one, many and zipf rows are measured in `--rounds` chunks (default 3) that alternate with
+chunks of the base row's requests, and each is divided by that paired base (column "÷ base",
+`extra.base_img_s`): on a shared machine whose speed drifts during the run, a ratio then compares
+the two measured side by side rather than rows minutes apart.
+
 --json FILE writes {"rows": {name: {...}}, "ratios": {"one_over_base", "many_over_base",
-"zipf_over_base"}, "config": {...}} (ratios of img/s, library mode, first density, 1 image/request).
+"zipf_over_base"}, "config": {...}} (ratios of img/s to the paired base, library mode, first
+density, 1 image/request).
 """
 
 from __future__ import annotations
@@ -67,6 +73,7 @@ class Config:
     http_rows: tuple[str, ...] = ("base", "one", "many", "cold")
     http_images: tuple[int, ...] = (1,)
     row_timeout_s: float = 300.0
+    rounds: int = 3  # chunks of a row alternating with chunks of the base (the paired base)
     seed: int = 0
 
     @property
@@ -285,12 +292,36 @@ class _Load:
     send: Send
     rss: Callable[[], float]
     blobs: list[bytes]
+    base_id: str = ""
+
+    def _raw(self, pick: Callable[[int], str], count: int) -> tuple[list[float], int, float]:
+        return run_clients(pick, self.send, requests=count, concurrency=self.cfg.concurrency,
+                           images=self.blobs, timeout_s=self.cfg.row_timeout_s)
 
     def measure(self, pick: Callable[[int], str], count: int) -> Row:
-        lat, err, wall = run_clients(pick, self.send, requests=count, concurrency=self.cfg.concurrency,
-                                     images=self.blobs, timeout_s=self.cfg.row_timeout_s)
+        lat, err, wall = self._raw(pick, count)
         per = len(self.blobs)
         return _row(lat, err, wall, len(lat) * per, per, self.rss())
+
+    def paired(self, pick: Callable[[int], str], count: int) -> Row:
+        """The row measured in cfg.rounds chunks, each after a chunk of base requests; the base's
+        img/s over its chunks goes into extra["base_img_s"]."""
+        rounds = max(1, self.cfg.rounds)
+        chunk = max(self.cfg.concurrency, -(-count // rounds))
+        lat: list[float] = []
+        base_lat: list[float] = []
+        err = base_err = 0
+        wall = base_wall = 0.0
+        for r in range(rounds):
+            bl, be, bw = self._raw(lambda i: self.base_id, chunk)
+            rl, re, rw = self._raw(lambda i, at=r * chunk: pick(at + i), chunk)
+            base_lat, base_err, base_wall = base_lat + bl, base_err + be, base_wall + bw
+            lat, err, wall = lat + rl, err + re, wall + rw
+        per = len(self.blobs)
+        row = _row(lat, err, wall, len(lat) * per, per, self.rss())
+        row.extra = {"base_img_s": len(base_lat) * per / base_wall if base_wall else None,
+                     "base_errors": base_err}
+        return row
 
 
 def run_mode(mode: str, cfg: Config, models: Models, send: Send, rss: Callable[[], float],
@@ -299,7 +330,7 @@ def run_mode(mode: str, cfg: Config, models: Models, send: Send, rss: Callable[[
     wanted = cfg.http_rows if mode == "http" else ("base", "one", "many", "zipf", "cold")
     warmed: set[str] = set()
     for per_req in cfg.http_images if mode == "http" else cfg.images:
-        load = _Load(cfg, send, rss, [_png(cfg.seed + i, 224) for i in range(per_req)])
+        load = _Load(cfg, send, rss, [_png(cfg.seed + i, 224) for i in range(per_req)], models.base)
         n = max(cfg.concurrency * 2, cfg.requests // per_req)
         send(models.base, load.blobs)  # warm
         if "base" in wanted:
@@ -312,7 +343,7 @@ def run_mode(mode: str, cfg: Config, models: Models, send: Send, rss: Callable[[
             draws = zipf_picks(len(models.zipf), cfg.zipf_s, n * 3, cfg.seed + per_req)
             warm, timed = [models.zipf[j] for j in draws[:n]], [models.zipf[j] for j in draws[n:]]
             load.measure(warm.__getitem__, len(warm))  # warm-up: the cache reaches its steady state
-            rows[f"{mode}/zipf/{zd:g}/x{per_req}"] = load.measure(timed.__getitem__, len(timed))
+            rows[f"{mode}/zipf/{zd:g}/x{per_req}"] = load.paired(timed.__getitem__, len(timed))
             warmed.clear()  # the small zipf cache evicted them
     return rows
 
@@ -332,9 +363,9 @@ def _density_rows(mode: str, wanted: Sequence[str], load: _Load, models: Models,
         # Steady state of one busy model: a short untimed run first, as the base row is warmed, so
         # the engine's switch of a hot model to dense adapted weights (once) is not in the timing.
         load.measure(lambda i: ids[0], 4 * cfg.concurrency)
-        rows[f"{mode}/one/{tag}/x{per_req}"] = load.measure(lambda i: ids[0], n)
+        rows[f"{mode}/one/{tag}/x{per_req}"] = load.paired(lambda i: ids[0], n)
     if "many" in wanted:
-        rows[f"{mode}/many/{tag}/x{per_req}"] = load.measure(lambda i: ids[i % cfg.many], n)
+        rows[f"{mode}/many/{tag}/x{per_req}"] = load.paired(lambda i: ids[i % cfg.many], n)
     cold, models.cold[d] = models.cold[d][: cfg.cold_models], models.cold[d][cfg.cold_models :]
     if "cold" in wanted and cold:  # a model is cold once
         rows[f"{mode}/cold/{tag}/x{per_req}"] = _cold_row(cfg, cold, ids[0], load.send, load.blobs, load.rss)
@@ -511,11 +542,11 @@ def run(cfg: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
 def _ratios(rows: dict[str, Row], cfg: Config) -> dict[str, float | None]:
     d, per = f"{cfg.densities[0]:g}", cfg.images[0]
     zd = f"{(cfg.zipf_density or cfg.densities[0]):g}"
-    base = rows.get(f"library/base/x{per}")
 
     def ratio(key: str) -> float | None:
         r = rows.get(key)
-        return r.img_s / base.img_s if r is not None and base is not None and base.img_s else None
+        base = r.extra.get("base_img_s") if r is not None else None
+        return r.img_s / base if r is not None and base else None
 
     return {"one_over_base": ratio(f"library/one/{d}/x{per}"),
             "many_over_base": ratio(f"library/many/{d}/x{per}"),
@@ -523,12 +554,14 @@ def _ratios(rows: dict[str, Row], cfg: Config) -> dict[str, float | None]:
 
 
 def print_table(result: dict[str, Any]) -> None:
-    print("| row | img/s | p50 ms | p99 ms | errors | resident MB |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| row | img/s | ÷ base | p50 ms | p99 ms | errors | resident MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, r in result["rows"].items():
         extra = f" (warm p50 {r['extra']['warm_p50_ms']:.0f} ms)" if r["extra"].get("warm_p50_ms") else ""
-        print(f"| {name}{extra} | {r['img_s']:.2f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['errors']} "
-              f"| {r['resident_mb']:.0f} |")
+        base = r["extra"].get("base_img_s")
+        vs = f"{r['img_s'] / base:.2f}" if base else ""
+        print(f"| {name}{extra} | {r['img_s']:.2f} | {vs} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} "
+              f"| {r['errors']} | {r['resident_mb']:.0f} |")
     ratios = {k: (round(v, 3) if v is not None else None) for k, v in result["ratios"].items()}
     print("ratios:", json.dumps(ratios))
 
@@ -570,6 +603,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--modes", default="library,http")
     ap.add_argument("--http-rows", default=",".join(d.http_rows))
     ap.add_argument("--http-images", default="1", help="images per request in HTTP mode")
+    ap.add_argument("--rounds", type=int, default=d.rounds,
+                    help="chunks of each one/many/zipf row, alternating with base chunks")
     ap.add_argument("--json", help="write the figures to this file")
     a = ap.parse_args(argv)
     cfg = Config(model=a.model, threads=a.threads, concurrency=a.concurrency,
@@ -578,7 +613,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  zipf_density=a.zipf_density,
                  cold_models=a.cold_models, requests=a.requests, towers=a.towers,
                  modes=tuple(a.modes.split(",")), http_rows=tuple(a.http_rows.split(",")),
-                 http_images=tuple(int(x) for x in _floats(a.http_images)))
+                 http_images=tuple(int(x) for x in _floats(a.http_images)), rounds=a.rounds)
     result = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
     print_table(result)
     if a.json:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 MAX_POINTS = 1000  # per job; the step interval widens for long runs
 
 
-def _f(x: Any) -> float | None:
+def _finite(x: Any) -> float | None:
     """A finite float or None (JSON has no NaN)."""
     if x is None:
         return None
@@ -77,9 +77,9 @@ class HistoryRecorder:
             if self.last_step is None:  # first point of this attempt: drop replayed steps
                 s.execute(delete(JobHistory).where(JobHistory.job_id == self.job_id, JobHistory.step >= step))
             s.add(JobHistory(
-                job_id=self.job_id, step=step, loss=_f(p.loss), train_accuracy=_f(p.train_accuracy),
-                lr=_f(getattr(p, "lr", None)), val_accuracy=_f(self.pending_val),
-                elapsed_s=_f(getattr(p, "elapsed_seconds", None))))
+                job_id=self.job_id, step=step, loss=_finite(p.loss), train_accuracy=_finite(p.train_accuracy),
+                lr=_finite(getattr(p, "lr", None)), val_accuracy=_finite(self.pending_val),
+                elapsed_s=_finite(getattr(p, "elapsed_seconds", None))))
         return True
 
 

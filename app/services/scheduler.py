@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Prediction = list[tuple[str, float]]  # (label, probability), descending
+RankedLabels = list[tuple[str, float]]  # (label, probability), descending
 
 
 class QueueFull(RuntimeError):
@@ -48,7 +48,7 @@ class _Request:
     top_k: int
     prepared: PreparedDelta | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    result: list[Prediction] | None = None
+    result: list[RankedLabels] | None = None
     error: BaseException | None = None
     released: bool = False  # its images no longer count against the queue bound
 
@@ -79,7 +79,7 @@ class Scheduler:
     # ---- callers ------------------------------------------------------------------------------------
 
     def submit(self, key: ModelKey, pixels: torch.Tensor, top_k: int,
-               load: Callable[[], PreparedDelta]) -> list[Prediction]:
+               load: Callable[[], PreparedDelta]) -> list[RankedLabels]:
         """Per image, the top_k (label, probability) pairs of model `key`; blocks until answered.
 
         load() prepares the model when it is not in the cache (in a loader thread)."""
@@ -197,7 +197,7 @@ class Scheduler:
         self._finish(reqs)
 
 
-def _top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[Prediction]:
+def _top_k(probs: torch.Tensor, classes: list[str], k: int) -> list[RankedLabels]:
     """probs (n, C) -> per row the k most probable (class, probability), descending."""
     values, indices = probs.topk(min(k, len(classes)), dim=-1)
     return [[(classes[j], float(p)) for p, j in zip(vrow, irow, strict=True)]
