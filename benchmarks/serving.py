@@ -303,9 +303,10 @@ class _Load:
         per = len(self.blobs)
         return _row(lat, err, wall, len(lat) * per, per, self.rss())
 
-    def paired(self, pick: Callable[[int], str], count: int) -> Row:
-        """The row measured in cfg.rounds chunks, each after a chunk of base requests; the base's
-        img/s over its chunks goes into extra["base_img_s"]."""
+    def paired(self, pick: Callable[[int], str], count: int, *, warm: int = 0) -> Row:
+        """The row measured in cfg.rounds chunks, each after a chunk of base requests (and `warm`
+        untimed requests of the row, to reach its steady state again); the base's img/s over its
+        chunks goes into extra["base_img_s"]."""
         rounds = max(1, self.cfg.rounds)
         chunk = max(self.cfg.concurrency, -(-count // rounds))
         lat: list[float] = []
@@ -314,6 +315,8 @@ class _Load:
         wall = base_wall = 0.0
         for r in range(rounds):
             bl, be, bw = self._raw(lambda i: self.base_id, chunk)
+            if warm:
+                self._raw(pick, warm)
             rl, re, rw = self._raw(lambda i, at=r * chunk: pick(at + i), chunk)
             base_lat, base_err, base_wall = base_lat + bl, base_err + be, base_wall + bw
             lat, err, wall = lat + rl, err + re, wall + rw
@@ -361,9 +364,10 @@ def _density_rows(mode: str, wanted: Sequence[str], load: _Load, models: Models,
             warmed.add(m)
     if "one" in wanted:
         # Steady state of one busy model: a short untimed run first, as the base row is warmed, so
-        # the engine's switch of a hot model to dense adapted weights (once) is not in the timing.
+        # the engine's switch of a hot model to dense adapted weights (once) is not in the timing;
+        # after each base chunk, untimed requests until the model has had SOLO_STREAK batches alone.
         load.measure(lambda i: ids[0], 4 * cfg.concurrency)
-        rows[f"{mode}/one/{tag}/x{per_req}"] = load.paired(lambda i: ids[0], n)
+        rows[f"{mode}/one/{tag}/x{per_req}"] = load.paired(lambda i: ids[0], n, warm=3 * cfg.concurrency)
     if "many" in wanted:
         rows[f"{mode}/many/{tag}/x{per_req}"] = load.paired(lambda i: ids[i % cfg.many], n)
     cold, models.cold[d] = models.cold[d][: cfg.cold_models], models.cold[d][cfg.cold_models :]
