@@ -310,19 +310,18 @@ class _Load:
         rounds = max(1, self.cfg.rounds)
         chunk = max(self.cfg.concurrency, -(-count // rounds))
         lat: list[float] = []
-        base_lat: list[float] = []
-        err = base_err = 0
+        err = base_ok = base_err = 0
         wall = base_wall = 0.0
         for r in range(rounds):
             bl, be, bw = self._raw(lambda i: self.base_id, chunk)
             if warm:
                 self._raw(pick, warm)
             rl, re, rw = self._raw(lambda i, at=r * chunk: pick(at + i), chunk)
-            base_lat, base_err, base_wall = base_lat + bl, base_err + be, base_wall + bw
+            base_ok, base_err, base_wall = base_ok + len(bl), base_err + be, base_wall + bw
             lat, err, wall = lat + rl, err + re, wall + rw
         per = len(self.blobs)
         row = _row(lat, err, wall, len(lat) * per, per, self.rss())
-        row.extra = {"base_img_s": len(base_lat) * per / base_wall if base_wall else None,
+        row.extra = {"base_img_s": base_ok * per / base_wall if base_wall else None,
                      "base_errors": base_err}
         return row
 

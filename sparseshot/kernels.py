@@ -317,9 +317,8 @@ def csr_add(corrections: Sequence[Correction]) -> None:
 
 
 def _scratch(width: int) -> Tensor:
-    """This thread's tile buffer of at least `width` floats, kept between calls: a fresh buffer of
-    this size (up to 3072 × 64 floats, 768 KiB) is mapped anew by malloc and page-faulted on first
-    touch, which cost as much as a small layer's corrections."""
+    """This thread's tile buffer of at least `width` floats (up to 3072 × 64, 768 KiB), kept between
+    calls instead of a new allocation per call and thread."""
     buf: Tensor | None = getattr(_local, "xt", None)
     if buf is None or buf.numel() < width:
         buf = _local.xt = torch.empty(width)

@@ -9,7 +9,6 @@ worker.claims; heartbeat, cancel and progress: worker.watcher; examples: worker.
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +21,6 @@ from app.jobs.lifecycle import Claim, JobStatus
 from app.models import utcnow
 from app.runtime import Runtime
 from app.services import history
-from app.services.bases import BaseRegistry
 from app.storage import Storage
 from app.webhooks.dispatch import start_dispatcher
 from worker import context
@@ -54,14 +52,7 @@ def _init_child(**_: Any) -> None:
     context.forget_inherited()
     dispose_engines(close=False)
     runtime = context.init()
-    threading.Thread(target=_warm_base, args=(runtime.bases,), name="warm-base", daemon=True).start()
-
-
-def _warm_base(bases: BaseRegistry) -> None:
-    try:
-        bases.get()  # the default base (settings.base_model)
-    except Exception as e:  # a job for this base reports the error itself
-        log.warning("could not preload base model: %s", e)
+    runtime.bases.warm_up()  # the default base, in the background; a failed load is logged there
 
 
 # ---------------------------------------------------------------- the run

@@ -32,7 +32,7 @@ def _broker_ready(queue: Queue) -> bool:
 
 def _base_ready(bases: BaseRegistry, spec: str) -> bool:
     try:
-        return bool(bases.ready(spec))
+        return bases.ready(spec)
     except Exception:
         log.exception("base model check failed")
         return False
