@@ -17,7 +17,7 @@ on a free loopback port and sends multipart requests from C threads with httpx c
 
     python -m benchmarks.serving --model ViT-B-32 --threads 2 --json serving.json
 
-The one, many and zipf rows are measured in `--rounds` chunks (default 3) that alternate with
+The one, many and zipf rows are measured in `--rounds` chunks (default 6) that alternate with
 chunks of the base row's requests, and each is divided by that paired base (column "÷ base",
 `extra.base_img_s`): on a shared machine whose speed drifts during the run, a ratio then compares
 the two measured side by side rather than rows minutes apart.
@@ -67,13 +67,13 @@ class Config:
     zipf_cache_models: int = 100
     zipf_density: float | None = None  # default: the first density
     cold_models: int = 6
-    requests: int = 64  # per row at 1 image/request (scaled down for larger requests)
+    requests: int = 96  # per row at 1 image/request (scaled down for larger requests)
     towers: str = "vision"
     modes: tuple[str, ...] = ("library", "http")
     http_rows: tuple[str, ...] = ("base", "one", "many", "cold")
     http_images: tuple[int, ...] = (1,)
     row_timeout_s: float = 300.0
-    rounds: int = 3  # chunks of a row alternating with chunks of the base (the paired base)
+    rounds: int = 6  # chunks of a row alternating with chunks of the base (the paired base)
     seed: int = 0
 
     @property

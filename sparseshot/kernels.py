@@ -18,8 +18,13 @@ and write-backs ran 2.5-5x slower.
 
 It is plain C with GCC vector extensions (no torch headers: it compiles in about a second), built
 on first use with the system's C compiler into a per-user cache folder and called through ctypes,
-which releases the GIL, so two threads take halves of the units at once. Without a compiler,
-`available()` is False and callers use torch.sparse.mm.
+which releases the GIL, so two threads take halves of the units at once. The second thread is one
+of torch's own OpenMP pool where the runtime is found (`_openmp`): right after torch's product
+that thread is still spinning for work, and a thread of ours had to share the second core with
+it. Elsewhere a thread made for the call (pthreads) takes the second half. The units, their work
+estimates and the split are computed in C too: one call per layer, whose Python side only passes
+integers (`csr_add_rows`). Without a compiler, `available()` is False and callers use
+torch.sparse.mm.
 """
 
 from __future__ import annotations
@@ -33,7 +38,6 @@ import subprocess
 import tempfile
 import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +50,9 @@ TW = 64  # token rows per unit at most (four 16-float vectors per stored entry);
 RB = 64  # output rows per accumulator block: acc (RB, TW) fp32 = 16 KiB, in L1; the C source's RB
 
 _SOURCE = r"""
+#include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #define RB 64      /* output rows per accumulator block */
 #define TW 64      /* token rows per unit at most: VMAX vectors of 16 */
@@ -173,7 +179,7 @@ void unit_v(const seg_t *s, int64_t t, int64_t m, int64_t rb, int64_t re, float 
 
 /* Units u0..u1: unit u is rows unit[4u+1].. (at most TW) of segment unit[4u], output rows
    unit[4u+2]..unit[4u+3]. xt: scratch of (max in) × TW floats. */
-void csr_add_units(const seg_t *segs, const int64_t *unit, int64_t u0, int64_t u1, float *xt) {
+static void csr_add_units(const seg_t *segs, const int64_t *unit, int64_t u0, int64_t u1, float *xt) {
     for (int64_t u = u0; u < u1; u++) {
         const seg_t *s = &segs[unit[4 * u]];
         const int64_t t = unit[4 * u + 1], rb = unit[4 * u + 2], re = unit[4 * u + 3];
@@ -186,21 +192,106 @@ void csr_add_units(const seg_t *segs, const int64_t *unit, int64_t u0, int64_t u
         }
     }
 }
+
+/* The units of a call: (segment, first token row, first output row, end output row), rows of
+   each segment in TW-row units; with `split`, each unit's output rows cut in two at a block edge
+   (so that two threads have work when there are few units). Returns the count. */
+static int64_t plan(const seg_t *segs, int64_t nseg, int split, int64_t *unit) {
+    int64_t n = 0;
+    for (int64_t i = 0; i < nseg; i++) {
+        const int64_t out = segs[i].out;
+        const int64_t cut = split && out > RB ? (out / 2 + RB - 1) / RB * RB : out;
+        for (int64_t t = 0; t < segs[i].n; t += TW) {
+            int64_t *u = unit + 4 * n;
+            u[0] = i; u[1] = t; u[2] = 0; u[3] = cut; n++;
+            if (cut < out) { u[4] = i; u[5] = t; u[6] = cut; u[7] = out; n++; }
+        }
+    }
+    return n;
+}
+
+/* Estimated multiply-adds of a unit: its entries plus the transposes, per 16-lane vector. */
+static int64_t unit_work(const seg_t *segs, const int64_t *u) {
+    const seg_t *s = &segs[u[0]];
+    const int64_t m = s->n - u[1] < TW ? s->n - u[1] : TW;
+    return (m + 15) / 16 * 16 * ((int64_t)s->crow[u[3]] - s->crow[u[2]] + s->in + (u[3] - u[2]));
+}
+
+/* Two halves: units 0..mid on the caller, mid..n on a second thread, each with its own scratch
+   (xt, xt + width). The second thread is a member of an OpenMP team of the runtime torch runs
+   on, passed in as function pointers (GOMP_parallel, omp_get_thread_num, omp_get_num_threads):
+   right after torch's product its pool thread is still spinning for work and starts at once,
+   where a thread of another pool would compete with it for the second core. Without the runtime,
+   a thread made for the call. */
+typedef void (*gomp_parallel_t)(void (*)(void *), void *, unsigned, unsigned);
+typedef int (*omp_int_t)(void);
+typedef struct {
+    const seg_t *segs; const int64_t *unit; int64_t n, mid; float *xt; int64_t width;
+    omp_int_t thread_num, num_threads;
+} halves_t;
+
+static void team_half(void *p) {
+    const halves_t *h = p;
+    const int t = h->thread_num(), nt = h->num_threads();
+    if (nt < 2) csr_add_units(h->segs, h->unit, 0, h->n, h->xt);  /* a team of one does both */
+    else if (t == 0) csr_add_units(h->segs, h->unit, 0, h->mid, h->xt);
+    else if (t == 1) csr_add_units(h->segs, h->unit, h->mid, h->n, h->xt + h->width);
+}
+
+static void *second_half(void *p) {
+    const halves_t *h = p;
+    csr_add_units(h->segs, h->unit, h->mid, h->n, h->xt + h->width);
+    return NULL;
+}
+
+static void run_halves(halves_t *h, void *gomp_parallel) {
+    pthread_t th;
+    if (gomp_parallel != NULL) {
+        ((gomp_parallel_t)gomp_parallel)(team_half, h, 2, 0);
+    } else if (pthread_create(&th, NULL, second_half, h) == 0) {
+        csr_add_units(h->segs, h->unit, 0, h->mid, h->xt);
+        pthread_join(th, NULL);
+    } else {
+        csr_add_units(h->segs, h->unit, 0, h->n, h->xt);
+    }
+}
+
+/* Every segment's y += x Δᵀ. xt: scratch of 2 × width floats (width = max in × TW). With two
+   threads and at least `parallel_work` estimated multiply-adds, the units are split at half the
+   work. Returns 0, or -1 when the unit list could not be allocated (nothing is changed). */
+int csr_add(const seg_t *segs, int64_t nseg, float *xt, int64_t width, int threads,
+            int64_t parallel_work, void *gomp_parallel, void *thread_num, void *num_threads) {
+    int64_t cap = 0;
+    for (int64_t i = 0; i < nseg; i++) cap += 2 * ((segs[i].n + TW - 1) / TW);
+    if (cap == 0) return 0;
+    int64_t *unit = malloc((size_t)cap * 4 * sizeof(int64_t));
+    if (unit == NULL) return -1;
+    int64_t n = plan(segs, nseg, 0, unit);
+    if (threads >= 2 && n < 4) n = plan(segs, nseg, 1, unit);
+    int64_t total = 0;
+    for (int64_t u = 0; u < n; u++) total += unit_work(segs, unit + 4 * u);
+    if (threads < 2 || n < 2 || total < parallel_work) {
+        csr_add_units(segs, unit, 0, n, xt);
+    } else {
+        int64_t mid = 1, acc = unit_work(segs, unit);
+        while (mid < n - 1 && 2 * (acc + unit_work(segs, unit + 4 * mid)) <= total)
+            acc += unit_work(segs, unit + 4 * mid++);
+        halves_t h = {segs, unit, n, mid, xt, width, (omp_int_t)thread_num, (omp_int_t)num_threads};
+        run_halves(&h, thread_num != NULL && num_threads != NULL ? gomp_parallel : NULL);
+    }
+    free(unit);
+    return 0;
+}
 """
-_PARALLEL_WORK = 1 << 17  # estimated multiply-adds (see `_unit_work`) above which two threads split the units
+_PARALLEL_WORK = 1 << 17  # estimated multiply-adds (the C `unit_work`) from which two threads split a call
+_SEG_FIELDS = 10  # the C seg_t: n, out, in, ldx, ldy, then the crow, col, val, x, y pointers
 
 _lib: ctypes.CDLL | None = None
+_omp: tuple[int, int, int] | None = None  # torch's OpenMP runtime (`_openmp`), when found
 _tried = False
 _lock = threading.Lock()
-# One thread, so the tasks it runs never overlap (each uses that thread's scratch).
-_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="csr-kernel")
-_local = threading.local()  # per thread: the tile scratch (`_scratch`)
-_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=gnu99"]
-
-
-class _Seg(ctypes.Structure):
-    _fields_ = [(f, ctypes.c_int64) for f in ("n", "out", "in_", "ldx", "ldy")] + [
-        (f, ctypes.c_void_p) for f in ("crow", "col", "val", "x", "y")]
+_local = threading.local()  # per calling thread: the tile scratch (`_scratch`)
+_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-std=gnu99", "-pthread"]
 
 
 @dataclass
@@ -213,6 +304,21 @@ class Correction:
     crow: Tensor
     col: Tensor
     val: Tensor
+
+
+class CSR:
+    """Δ (out, in) held in the kernel's layout, its pointers read once: what a prepared model keeps
+    per layer so that a forward passes plain integers (`csr_add_rows`)."""
+
+    def __init__(self, crow: Tensor, col: Tensor, val: Tensor, shape: tuple[int, int]) -> None:
+        if not takes(crow, col, val):
+            raise ValueError("the kernel takes CPU int32 crow/col and fp32 values")
+        self.crow, self.col, self.val = crow.contiguous(), col.contiguous(), val.contiguous()
+        self.out, self.inputs = int(shape[0]), int(shape[1])
+        if self.crow.numel() != self.out + 1 or self.col.numel() != self.val.numel():
+            raise ValueError(f"crow of {self.crow.numel()} for {self.out} rows, or {self.col.numel()} "
+                             f"columns for {self.val.numel()} values")
+        self.ptrs = (self.crow.data_ptr(), self.col.data_ptr(), self.val.data_ptr())
 
 
 def _cache_dir() -> Path:
@@ -239,20 +345,41 @@ def _build() -> ctypes.CDLL | None:
             os.replace(out, path)  # atomic: a concurrent builder sees the old or the whole file
     lib = ctypes.CDLL(str(path))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.csr_add_units.argtypes = [ptr, ptr, i64, i64, ptr]
-    lib.csr_add_units.restype = None
+    lib.csr_add.argtypes = [ptr, i64, ptr, i64, ctypes.c_int, i64, ptr, ptr, ptr]
+    lib.csr_add.restype = ctypes.c_int
     return lib
+
+
+def _openmp() -> tuple[int, int, int] | None:
+    """Addresses of GOMP_parallel, omp_get_thread_num and omp_get_num_threads in the OpenMP runtime
+    this process has loaded (torch's), or None (no such runtime, or not Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if line.rstrip().endswith(".so") or ".so." in line}
+    except OSError:
+        return None
+    for path in sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp"))):
+        try:
+            rt = ctypes.CDLL(path)  # already mapped: the same handle, nothing new is loaded
+            fns = (rt.GOMP_parallel, rt.omp_get_thread_num, rt.omp_get_num_threads)
+        except (OSError, AttributeError):
+            continue
+        addrs = [ctypes.cast(fn, ctypes.c_void_p).value for fn in fns]
+        if all(addrs):
+            return addrs[0], addrs[1], addrs[2]  # type: ignore[return-value]
+    return None
 
 
 def available() -> bool:
     """True when the compiled kernel could be built (once per process)."""
-    global _lib, _tried
+    global _lib, _omp, _tried
     if _tried:  # the serving hot path asks per layer: no lock once decided
         return _lib is not None
     with _lock:
         if not _tried:
             try:
                 _lib = _build()
+                _omp = _openmp() if _lib is not None else None
             except (OSError, subprocess.SubprocessError) as e:
                 log.warning("serving kernel not built (%s); using torch.sparse.mm", e)
                 _lib = None
@@ -272,74 +399,63 @@ def fits(c: Correction) -> bool:
             and c.x.dtype == torch.float32 and c.y.stride(1) == 1 and c.x.stride(1) == 1)
 
 
-def _units(corrections: Sequence[Correction], split: bool) -> list[tuple[int, int, int, int]]:
-    """(segment, first token row, first output row, end output row) per unit; with `split`, each
-    unit's output rows are cut in two (at a block edge) so that two threads have work."""
-    units = []
-    for i, c in enumerate(corrections):
-        out = c.y.shape[1]
-        cuts = [0, out]
-        if split and out > RB:
-            cuts = [0, (out // 2 + RB - 1) // RB * RB, out]
-        for t in range(0, c.y.shape[0], TW):
-            units += [(i, t, a, b) for a, b in zip(cuts, cuts[1:], strict=False) if a < b]
-    return units
+def _seg(n: int, csr: CSR, x_ptr: int, ldx: int, y_ptr: int, ldy: int) -> list[int]:
+    return [n, csr.out, csr.inputs, ldx, ldy, *csr.ptrs, x_ptr, y_ptr]
 
 
-def _unit_work(c: Correction, unit: tuple[int, int, int, int], nnz: int) -> int:
-    """Estimated multiply-adds of a unit: entries in its output rows plus the transposes, per vector.
-    `nnz`: the correction's entry count (a unit over all output rows needs no look-up in crow)."""
-    _, t, a, b = unit
-    vectors = -(-min(TW, c.y.shape[0] - t) // 16)
-    entries = nnz if (a, b) == (0, c.y.shape[1]) else int(c.crow[b]) - int(c.crow[a])
-    return vectors * 16 * (entries + c.x.shape[1] + (b - a))
+def _run(segs: list[int], width: int) -> None:
+    """One C call over the flattened seg_t fields of every segment; `width`: max in × TW."""
+    assert _lib is not None
+    n = len(segs) // _SEG_FIELDS
+    if n == 0:
+        return
+    arr = (ctypes.c_int64 * len(segs))(*segs)
+    gomp, tnum, nthr = _omp if _omp is not None else (None, None, None)
+    rc = _lib.csr_add(arr, n, _scratch(2 * width).data_ptr(), width, torch.get_num_threads(),
+                      _PARALLEL_WORK, gomp, tnum, nthr)
+    if rc != 0:
+        raise MemoryError("the serving kernel could not allocate its unit list")
 
 
 def csr_add(corrections: Sequence[Correction]) -> None:
     """Apply every correction in place (one layer, several models); each must pass `fits`."""
     assert _lib is not None and all(fits(c) for c in corrections)
-    segs = (_Seg * len(corrections))(*[
-        _Seg(c.y.shape[0], c.y.shape[1], c.x.shape[1], c.x.stride(0), c.y.stride(0), c.crow.data_ptr(),
-             c.col.data_ptr(), c.val.data_ptr(), c.x.data_ptr(), c.y.data_ptr())
-        for c in corrections])
-    two = torch.get_num_threads() >= 2
-    units = _units(corrections, split=False)
-    if two and 0 < len(units) < 4:
-        units = _units(corrections, split=True)
-    if not units:
-        return
-    flat = (ctypes.c_int64 * (4 * len(units)))(*[v for u in units for v in u])
-    nnz = [c.col.numel() for c in corrections]
-    work = [_unit_work(corrections[u[0]], u, nnz[u[0]]) for u in units]
-    width = max(c.x.shape[1] for c in corrections) * TW
-    _run_units(segs, flat, work, width, two)
-    del corrections  # the tensors behind the pointers stay alive until the units are done
+    segs: list[int] = []
+    for c in corrections:
+        csr = CSR(c.crow, c.col, c.val, (c.y.shape[1], c.x.shape[1]))
+        segs += _seg(c.y.shape[0], csr, c.x.data_ptr(), c.x.stride(0), c.y.data_ptr(), c.y.stride(0))
+    _run(segs, max((c.x.shape[1] for c in corrections), default=0) * TW)
+    del corrections  # the tensors behind the pointers stay alive until the call returns
+
+
+def rows_fit(y: Tensor, x: Tensor) -> bool:
+    """y (N, out) and x (N, in) are CPU fp32 rows with unit column stride (`csr_add_rows` takes them)."""
+    return (y.device.type == "cpu" and x.device.type == "cpu" and y.dtype == torch.float32
+            and x.dtype == torch.float32 and y.dim() == 2 and x.dim() == 2 and y.shape[0] == x.shape[0]
+            and y.stride(1) == 1 and x.stride(1) == 1)
+
+
+def csr_add_rows(y: Tensor, x: Tensor, parts: Sequence[tuple[int, int, CSR]]) -> None:
+    """y[r0:r1] += x[r0:r1] @ Δᵀ for every (r0, r1, Δ) of `parts`, in place, one call: the serving
+    forward's form of `csr_add` (rows of one batch, pointers computed here instead of one view
+    per model). y, x must pass `rows_fit`; the row ranges lie in [0, N) and do not overlap."""
+    assert _lib is not None and rows_fit(y, x)
+    ldx, ldy = x.stride(0), y.stride(0)
+    xp, yp, size = x.data_ptr(), y.data_ptr(), y.element_size()
+    segs: list[int] = []
+    width = 0
+    for r0, r1, csr in parts:
+        if not (0 <= r0 <= r1 <= y.shape[0]) or (csr.out, csr.inputs) != (y.shape[1], x.shape[1]):
+            raise ValueError(f"rows {r0}:{r1} or Δ {csr.out}×{csr.inputs} do not fit y {tuple(y.shape)}")
+        segs += _seg(r1 - r0, csr, xp + r0 * ldx * size, ldx, yp + r0 * ldy * size, ldy)
+        width = max(width, csr.inputs * TW)
+    _run(segs, width)
 
 
 def _scratch(width: int) -> Tensor:
-    """This thread's tile buffer of at least `width` floats (up to 3072 × 64, 768 KiB), kept between
-    calls instead of a new allocation per call and thread."""
+    """This thread's tile buffer of at least `width` floats (two tiles of up to 3072 × 64: 1.5 MiB),
+    kept between calls instead of a new allocation per call."""
     buf: Tensor | None = getattr(_local, "xt", None)
     if buf is None or buf.numel() < width:
         buf = _local.xt = torch.empty(width)
     return buf
-
-
-def _call_units(segs: ctypes.Array, units: ctypes.Array, u0: int, u1: int, width: int) -> None:
-    assert _lib is not None
-    _lib.csr_add_units(segs, units, u0, u1, _scratch(width).data_ptr())
-
-
-def _run_units(segs: ctypes.Array, units: ctypes.Array, work: list[int], width: int, two: bool) -> None:
-    """Run units [0, n) in this thread, or split at half the work with the pool's thread."""
-    n = len(work)
-    total = sum(work)
-    if total < _PARALLEL_WORK or not two or n < 2:
-        _call_units(segs, units, 0, n, width)
-        return
-    mid, acc = 1, work[0]
-    while mid < n - 1 and 2 * (acc + work[mid]) <= total:
-        acc, mid = acc + work[mid], mid + 1
-    future = _pool.submit(_call_units, segs, units, mid, n, width)
-    _call_units(segs, units, 0, mid, width)
-    future.result()

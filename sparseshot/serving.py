@@ -82,6 +82,13 @@ class LinearDelta:
     nnz: int
     lowrank: list[tuple[int, Tensor, Tensor, float]]  # (row_start, B (rows, r), A (r, in), scale)
     dense: bool = False  # the cost model prefers a dense adapted weight for this layer
+    # The CSR part in the compiled kernel's layout (same storage), None when the kernel cannot take it.
+    kernel: kernels.CSR | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        csr = self.csr
+        if csr is not None and kernels.takes(csr.crow_indices(), csr.col_indices(), csr.values()):
+            self.kernel = kernels.CSR(csr.crow_indices(), csr.col_indices(), csr.values(), self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -101,16 +108,7 @@ class LinearDelta:
     @property
     def on_kernel(self) -> bool:
         """The compiled kernel takes this CSR (`kernels.takes`)."""
-        csr = self.csr
-        return csr is not None and kernels.takes(csr.crow_indices(), csr.col_indices(), csr.values())
-
-    def kernel_part(self, x: Tensor, y: Tensor) -> kernels.Correction | None:
-        """The CSR part of y += x Δᵀ as a compiled-kernel job, None when the kernel cannot take it."""
-        csr = self.csr
-        if csr is None:
-            return None
-        c = kernels.Correction(y, x, csr.crow_indices(), csr.col_indices(), csr.values())
-        return c if kernels.fits(c) else None
+        return self.kernel is not None
 
     def correct(self, x: Tensor, y: Tensor, *, csr: bool = True) -> None:
         """y += x Δᵀ in place (the CSR part only when `csr`); x (n, in), y (n, out), views of one
@@ -463,7 +461,10 @@ class ServingEngine:
             if y is not None:
                 return y
         y = F.linear(x, w, b)
-        jobs: list[kernels.Correction] = []
+        y2, x2 = y.view(-1, w.shape[0]), x.reshape(-1, w.shape[1])  # (B·L, out), (B·L, in)
+        per = y2.shape[0] // y.shape[0]  # token rows per image (L)
+        on_kernel = kernels.rows_fit(y2, x2)
+        parts: list[tuple[int, int, kernels.CSR]] = []  # (first row, end row, Δ) for one kernel call
         for p, a, z in ps.segs:
             delta, bias = p.linears.get(wname), p.overrides.get(bname)
             if delta is None and bias is None:
@@ -474,17 +475,18 @@ class ServingEngine:
             if dense_y is not None:
                 y[a:z] = dense_y
                 continue
-            ys = y[a:z].view(-1, w.shape[0])  # (rows·L, out), a view: updated in place
+            ys = y2[a * per : z * per]  # (rows·L, out), a view: updated in place
             if bias is not None:
                 ys += (bias - b) if b is not None else bias
-            if delta is not None:
-                xs = x[a:z].reshape(-1, w.shape[1])  # (rows·L, in)
-                job = delta.kernel_part(xs, ys)
-                if job is not None:
-                    jobs.append(job)
-                delta.correct(xs, ys, csr=job is None)
-        if jobs:
-            kernels.csr_add(jobs)
+            if delta is None:
+                continue
+            kernel = delta.kernel if on_kernel else None
+            if kernel is not None:
+                parts.append((a * per, z * per, kernel))
+            if kernel is None or delta.lowrank:
+                delta.correct(x2[a * per : z * per], ys, csr=kernel is None)
+        if parts:
+            kernels.csr_add_rows(y2, x2, parts)
         return y
 
     def _dense_linear(self, x: Tensor, w: Tensor, b: Tensor | None, wname: str, bname: str,

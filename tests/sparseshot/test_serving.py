@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 
 import pytest
@@ -135,10 +136,15 @@ def test_compiled_kernel_and_torch_sparse_agree(base: BaseModel, monkeypatch) ->
     # inputs and outputs off the 16×16 transposes, more than one row block, rows with no entries
     # and dense rows (the chains' remainders), enough work for the two-thread split; then one
     # model alone, whose output rows are split between the threads.
+    # Both second threads: one of torch's OpenMP team (where found), then a thread made for the call.
+    if sys.platform == "linux" and "OpenMP" in torch.__config__.parallel_info():
+        assert kernels._omp is not None, "torch runs on OpenMP but its runtime was not found"
     g = torch.Generator().manual_seed(0)
-    for shapes in (((2000, 40, 64, 200), (37, 150, 33, 900), (5, 70, 20, 0), (20, 130, 48, 3000),
-                    (64, 96, 768, 5000)), ((50, 300, 96, 4000),)):
-        _check_kernel(kernels, shapes, g)
+    for team in (kernels._omp, None):
+        monkeypatch.setattr(kernels, "_omp", team)
+        for shapes in (((2000, 40, 64, 200), (37, 150, 33, 900), (5, 70, 20, 0), (20, 130, 48, 3000),
+                        (64, 96, 768, 5000)), ((50, 300, 96, 4000),)):
+            _check_kernel(kernels, shapes, g)
 
 
 def _check_kernel(kernels, shapes, g: torch.Generator) -> None:
