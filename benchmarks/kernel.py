@@ -106,14 +106,14 @@ def _timed_kernel() -> Iterator[list[float]]:
 def forward(*, model: str, threads: int, models: int, densities: Sequence[float], pairs: int,
             seed: int = 0) -> list[dict[str, Any]]:
     """Per density: the engine's mixed forward of `models` models against the bare base (module doc)."""
-    from benchmarks.serving import synth_delta
+    from benchmarks.serving import Config, synth_delta
     from sparseshot.base import load_base
     from sparseshot.delta import SparseDelta
     from sparseshot.recipe import trainable_weights
     from sparseshot.serving import ServingEngine, prepare
 
     torch.set_num_threads(threads)
-    base = load_base(model if ":" in model else f"{model}:random")  # as benchmarks.serving names it
+    base = load_base(Config(model=model).spec)  # NAME means NAME:random, as in benchmarks.serving
     names = list(trainable_weights(base.model, encoder="vision"))
     engine = ServingEngine(base)
     g = torch.Generator().manual_seed(seed)
@@ -160,15 +160,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "open_clip model (random init) instead of single layers")
     ap.add_argument("--pairs", type=int, default=30, help="with --forward: base/mixed pairs per density")
     a = ap.parse_args(argv)
+    densities = [float(v) for v in a.densities.split(",")]
     if a.forward:
         rows = forward(model=a.forward, threads=a.threads, models=a.models, pairs=a.pairs,
-                       densities=[float(v) for v in a.densities.split(",")])
+                       densities=densities)
         _print_forward(rows)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=2))
         return 0
     rows = run(threads=a.threads, models=a.models, rows=a.rows, reps=a.reps, shapes=SHAPES,
-               densities=[float(v) for v in a.densities.split(",")])
+               densities=densities)
     print("| out × in | density | base product ms | corrections ms | ratio |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:

@@ -47,7 +47,6 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 TW = 64  # token rows per unit at most (four 16-float vectors per stored entry); the C source's TW
-RB = 64  # output rows per accumulator block: acc (RB, TW) fp32 = 16 KiB, in L1; the C source's RB
 
 _SOURCE = r"""
 #include <pthread.h>
